@@ -20,6 +20,8 @@ pub mod decode;
 pub mod encode;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod limits;
 pub mod stream;
