@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, then runs it: formatting, lints (warnings are errors),
+# and every test of the workspace. Safe to run again; on a machine that has everything it
+# installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# A C compiler for crates with C parts (ring). Debian packages only; nothing else is fetched.
+packages=()
+command -v cc >/dev/null 2>&1 || packages+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || packages+=(pkg-config)
+if [ ${#packages[@]} -gt 0 ]; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
