@@ -2,6 +2,7 @@
 //! a 64 KiB read buffer of back-to-back envelopes with 256-byte payloads.
 //!
 //! Run: `cargo bench --bench codec` (about 40 s). Reports are under `target/criterion/`.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::hint::black_box;
 use std::time::Duration;

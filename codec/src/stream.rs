@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use crate::decode::{FrameRef, decode_raw, frame_len, split};
 use crate::error::CodecError;
 use crate::frame::FrameKind;
+use crate::limits::LENGTH_PREFIX_BYTES;
 
 /// One complete frame whose preamble and payload bound were checked. Its header is validated
 /// by [`Frame::decode`]; its bytes can be forwarded as they are.
@@ -145,10 +146,7 @@ impl FrameDecoder {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let needed = match frame_len(&self.buf)? {
-            Some(total) => total,
-            None => 4,
-        };
+        let needed = frame_len(&self.buf)?.unwrap_or(LENGTH_PREFIX_BYTES);
         Err(CodecError::Truncated {
             needed,
             available: self.buf.len(),

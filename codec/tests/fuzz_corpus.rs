@@ -4,6 +4,8 @@
 //!
 //! `A7_WRITE_SEEDS=1 cargo test -p codec --test fuzz_corpus` rewrites the seeds after a wire
 //! format change.
+// Tests build hostile lengths on purpose; every cast here is of a small, known value.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! Decoding allocates nothing, and steady-state encoding into a reserved buffer allocates
 //! nothing: counted by a global allocator that tallies this thread's allocations.
+// Tests build hostile lengths on purpose; every cast here is of a small, known value.
+#![allow(clippy::cast_possible_truncation)]
 // A GlobalAlloc is an unsafe trait; this wrapper only counts and forwards to System.
 #![allow(unsafe_code)]
 

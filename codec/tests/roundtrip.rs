@@ -1,5 +1,7 @@
 //! Property tests: every frame kind survives encode → decode unchanged, whole or split across
 //! reads at any point; and no input, random or mutated, makes the decoder panic.
+// Tests build hostile lengths on purpose; every cast here is of a small, known value.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 
