@@ -17,9 +17,10 @@ use rkyv::rancor::Failure;
 
 use crate::error::CodecError;
 use crate::frame::{
-    Ack, ArchivedAck, ArchivedDelivery, ArchivedEnvelope, ArchivedErrorFrame, ArchivedHello,
-    ArchivedNotice, ArchivedReceipt, ArchivedSignal, ArchivedWelcome, Delivery, Envelope,
-    ErrorFrame, FrameHeader, FrameKind, Hello, Notice, Receipt, Signal, Welcome, check_payload_len,
+    Ack, ArchivedAck, ArchivedDelivery, ArchivedDeviceList, ArchivedEnvelope, ArchivedErrorFrame,
+    ArchivedHello, ArchivedNotice, ArchivedReceipt, ArchivedSignal, ArchivedWelcome, Delivery,
+    DeviceList, Envelope, ErrorFrame, FrameHeader, FrameKind, Hello, Notice, Receipt, Signal,
+    Welcome, check_payload_len,
 };
 use crate::limits::{FRAME_BYTES_MAX, HEADER_BYTES_MAX, LENGTH_PREFIX_BYTES, PREAMBLE_BYTES};
 use crate::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
@@ -39,6 +40,7 @@ pub enum HeaderRef<'a> {
     Error(&'a ArchivedErrorFrame),
     Notice(&'a ArchivedNotice),
     Delivery(&'a ArchivedDelivery),
+    DeviceList(&'a ArchivedDeviceList),
 }
 
 /// One decoded frame: its wire version, its validated header and its payload bytes.
@@ -70,6 +72,7 @@ impl HeaderRef<'_> {
             HeaderRef::Error(_) => FrameKind::Error,
             HeaderRef::Notice(_) => FrameKind::Notice,
             HeaderRef::Delivery(_) => FrameKind::Delivery,
+            HeaderRef::DeviceList(_) => FrameKind::DeviceList,
         }
     }
 }
@@ -185,6 +188,7 @@ pub fn decode_raw(raw: RawFrame<'_>) -> Result<FrameRef<'_>, CodecError> {
             check_delivery_payload(raw.payload)?;
             HeaderRef::Delivery(delivery)
         }
+        FrameKind::DeviceList => HeaderRef::DeviceList(access::<DeviceList>(bytes)?),
     };
     Ok(FrameRef {
         version: raw.version,

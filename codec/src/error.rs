@@ -111,6 +111,8 @@ error_codes! {
     NetworkUnknown = 302, "NETWORK_UNKNOWN", retryable: false;
     /// The envelope's TTL had already run out when it arrived.
     MessageExpired = 303, "MESSAGE_EXPIRED", retryable: false;
+    /// The user already has `devices_per_user_max` devices; a new one cannot be added.
+    DeviceLimit = 304, "DEVICE_LIMIT", retryable: false;
 
     /// A recipient device's queue is at its bound; retry after the hinted delay.
     QueueFull = 400, "QUEUE_FULL", retryable: true;

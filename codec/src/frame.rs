@@ -29,10 +29,11 @@ pub enum FrameKind {
     Error = 7,
     Notice = 8,
     Delivery = 9,
+    DeviceList = 10,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 9] = [
+    pub const ALL: [FrameKind; 10] = [
         FrameKind::Hello,
         FrameKind::Welcome,
         FrameKind::Envelope,
@@ -42,6 +43,7 @@ impl FrameKind {
         FrameKind::Error,
         FrameKind::Notice,
         FrameKind::Delivery,
+        FrameKind::DeviceList,
     ];
 
     pub const fn from_u8(value: u8) -> Option<FrameKind> {
@@ -55,6 +57,7 @@ impl FrameKind {
             7 => Some(FrameKind::Error),
             8 => Some(FrameKind::Notice),
             9 => Some(FrameKind::Delivery),
+            10 => Some(FrameKind::DeviceList),
             _ => None,
         }
     }
@@ -423,6 +426,28 @@ pub struct Delivery {
     pub flags: u8,
 }
 
+/// Server to relay: the complete current device set of one user of the server's network.
+/// Devices missing from it are removed, with their queued messages. The relay answers with an
+/// `Ack` for `request_id`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct DeviceList {
+    pub request_id: MessageId,
+    pub user: UserAddress,
+    /// 0 to `RECIPIENT_DEVICES_MAX` distinct device ids; empty removes every device.
+    pub devices: Vec<DeviceId>,
+}
+
+fn check_device_list(count: usize) -> Result<(), CodecError> {
+    if count > RECIPIENT_DEVICES_MAX {
+        return Err(CodecError::TooManyRecipients {
+            count,
+            max: RECIPIENT_DEVICES_MAX,
+        });
+    }
+    Ok(())
+}
+
 fn check_text(field: &'static str, len: usize, max: usize) -> Result<(), CodecError> {
     if len > max {
         return Err(CodecError::TextTooLong { field, len, max });
@@ -645,5 +670,15 @@ impl FrameHeader for Delivery {
     }
     fn check_archived(a: &ArchivedDelivery) -> Result<(), CodecError> {
         check_delivery(a.flags)
+    }
+}
+
+impl FrameHeader for DeviceList {
+    const KIND: FrameKind = FrameKind::DeviceList;
+    fn check(&self) -> Result<(), CodecError> {
+        check_device_list(self.devices.len())
+    }
+    fn check_archived(a: &ArchivedDeviceList) -> Result<(), CodecError> {
+        check_device_list(a.devices.len())
     }
 }

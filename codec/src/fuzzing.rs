@@ -58,6 +58,7 @@ fn check_reencodes(frame: &FrameRef<'_>) {
         HeaderRef::Error(a) => roundtrip::<crate::ErrorFrame>(a, frame.payload),
         HeaderRef::Notice(a) => roundtrip::<crate::Notice>(a, frame.payload),
         HeaderRef::Delivery(a) => roundtrip::<crate::Delivery>(a, frame.payload),
+        HeaderRef::DeviceList(a) => roundtrip::<crate::DeviceList>(a, frame.payload),
     }
 }
 

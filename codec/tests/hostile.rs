@@ -148,7 +148,7 @@ fn header_length_past_its_limit_or_the_frame() {
 #[test]
 fn unknown_kinds_and_versions() {
     let header = archive(&signal());
-    for kind in [0u8, 10, 200, 255] {
+    for kind in [0u8, 11, 200, 255] {
         assert_eq!(
             code(decode(&raw_frame(kind, 1, &header, &[]))),
             ErrorCode::UnknownKind,
@@ -319,6 +319,15 @@ fn recipient_devices_at_and_past_the_limit() {
         FrameKind::Ack as u8,
         1,
         &archive(&ack_rejected(RECIPIENT_DEVICES_MAX + 1)),
+        &[],
+    );
+    assert_eq!(code(decode(&past)), ErrorCode::TooManyRecipients);
+    // And for a declared device set.
+    assert!(decode(&encode_to_bytes(&device_list(RECIPIENT_DEVICES_MAX), &[]).unwrap()).is_ok());
+    let past = raw_frame(
+        FrameKind::DeviceList as u8,
+        1,
+        &archive(&device_list(RECIPIENT_DEVICES_MAX + 1)),
         &[],
     );
     assert_eq!(code(decode(&past)), ErrorCode::TooManyRecipients);
@@ -513,6 +522,7 @@ fn error_codes_are_stable_and_unique() {
         ("DEVICE_LIST_STALE", 301),
         ("NETWORK_UNKNOWN", 302),
         ("MESSAGE_EXPIRED", 303),
+        ("DEVICE_LIMIT", 304),
         ("QUEUE_FULL", 400),
         ("RATE_LIMITED", 401),
         ("IN_FLIGHT_LIMIT", 402),

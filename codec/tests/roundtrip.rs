@@ -99,6 +99,13 @@ roundtrip!(
     no_payload()
 );
 roundtrip!(
+    device_list_roundtrips,
+    any_device_list(),
+    DeviceList,
+    DeviceList,
+    no_payload()
+);
+roundtrip!(
     delivery_roundtrips,
     any_delivery(),
     Delivery,
@@ -122,7 +129,7 @@ proptest! {
     /// in order and byte for byte.
     #[test]
     fn stream_reassembles_frames_split_anywhere(
-        picks in proptest::collection::vec(0usize..9, 1..40),
+        picks in proptest::collection::vec(0usize..10, 1..40),
         cuts in proptest::collection::vec(1usize..700, 1..200),
     ) {
         let samples = one_of_each_kind();
@@ -165,7 +172,7 @@ proptest! {
     /// when it decodes the header still meets every limit.
     #[test]
     fn mutated_frames_never_panic(
-        pick in 0usize..9,
+        pick in 0usize..10,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
         let mut bytes = one_of_each_kind()[pick].1.to_vec();

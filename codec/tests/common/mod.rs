@@ -131,6 +131,14 @@ pub fn delivery(seq: u64) -> Delivery {
     }
 }
 
+pub fn device_list(count: usize) -> DeviceList {
+    DeviceList {
+        request_id: MessageId(11),
+        user: user(2),
+        devices: (1..=count as u32).map(DeviceId).collect(),
+    }
+}
+
 /// One valid frame of every kind, encoded.
 pub fn one_of_each_kind() -> Vec<(FrameKind, Bytes)> {
     let inner = encode_to_bytes(&envelope(DeviceSelection::All), b"ciphertext").unwrap();
@@ -164,6 +172,10 @@ pub fn one_of_each_kind() -> Vec<(FrameKind, Bytes)> {
         (
             FrameKind::Delivery,
             encode_to_bytes(&delivery(9), &inner).unwrap(),
+        ),
+        (
+            FrameKind::DeviceList,
+            encode_to_bytes(&device_list(3), &[]).unwrap(),
         ),
     ]
 }
@@ -471,4 +483,17 @@ pub fn any_delivery() -> impl Strategy<Value = Delivery> {
 
 pub fn any_payload(max: usize) -> impl Strategy<Value = Vec<u8>> {
     vec(any::<u8>(), 0..=max)
+}
+
+pub fn any_device_list() -> impl Strategy<Value = DeviceList> {
+    (
+        any_message_id(),
+        any_user(),
+        device_ids(0, limits::RECIPIENT_DEVICES_MAX),
+    )
+        .prop_map(|(request_id, user, devices)| DeviceList {
+            request_id,
+            user,
+            devices,
+        })
 }
