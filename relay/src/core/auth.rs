@@ -1,0 +1,228 @@
+//! Who a session speaks for: server sessions by their TLS client certificate, device
+//! sessions by a token their network signed. Every network, the gatekeeper included, is an
+//! entry of the same table and goes through the same checks (principle 6).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Mutex;
+
+use codec::{ArchivedHello, ErrorCode, NetworkId, Role};
+use ring::digest::{SHA256, digest};
+use ring::signature::{ED25519, UnparsedPublicKey};
+use rkyv::option::ArchivedOption;
+
+use super::Principal;
+
+/// One network the relay serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkEntry {
+    pub id: NetworkId,
+    pub name: String,
+    /// Server roles its certificates may take (`PartnerServer`, `GatekeeperServer`,
+    /// `PeerRelay`); empty for a network that only connects devices.
+    pub server_roles: Vec<Role>,
+    /// SHA-256 of the DER of each client certificate that speaks for it.
+    pub cert_sha256: Vec<[u8; 32]>,
+    /// Its Ed25519 key for device tokens; without one its devices cannot connect directly.
+    pub token_public_key: Option<[u8; 32]>,
+}
+
+/// A refusal at handshake time: a code and a reason for the `Error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+fn refused(code: ErrorCode, reason: impl Into<String>) -> Refused {
+    Refused {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// Token ids seen, kept until their token expires; bounded.
+#[derive(Debug)]
+struct TokenCache {
+    seen: HashMap<u128, u64>,
+    expiry: BinaryHeap<Reverse<(u64, u128)>>,
+    max: usize,
+}
+
+impl TokenCache {
+    /// Records `id`; `Err` when it was seen before, or when the cache is full of live tokens.
+    fn record(&mut self, now_ms: u64, id: u128, expires_at_ms: u64) -> Result<(), ErrorCode> {
+        while let Some(&Reverse((at, old))) = self.expiry.peek() {
+            if at > now_ms {
+                break;
+            }
+            self.expiry.pop();
+            self.seen.remove(&old);
+        }
+        if self.seen.contains_key(&id) {
+            return Err(ErrorCode::TokenReplayed);
+        }
+        if self.seen.len() >= self.max {
+            return Err(ErrorCode::Internal);
+        }
+        self.seen.insert(id, expires_at_ms);
+        self.expiry.push(Reverse((expires_at_ms, id)));
+        Ok(())
+    }
+}
+
+/// The network table and the replay cache. Shared by every core; consulted once per session.
+#[derive(Debug)]
+pub struct Auth {
+    networks: HashMap<NetworkId, NetworkEntry>,
+    by_cert: HashMap<[u8; 32], NetworkId>,
+    tokens: Mutex<TokenCache>,
+}
+
+impl Auth {
+    pub fn new(networks: Vec<NetworkEntry>, token_ids_max: usize) -> Result<Auth, String> {
+        let mut by_id = HashMap::new();
+        let mut by_cert = HashMap::new();
+        for network in networks {
+            for fingerprint in &network.cert_sha256 {
+                if by_cert.insert(*fingerprint, network.id).is_some() {
+                    return Err(format!(
+                        "network {}: a certificate is listed for two networks",
+                        network.name
+                    ));
+                }
+            }
+            if network.server_roles.contains(&Role::Device) {
+                return Err(format!(
+                    "network {}: `device` is not a server role",
+                    network.name
+                ));
+            }
+            let name = network.name.clone();
+            if by_id.insert(network.id, network).is_some() {
+                return Err(format!("network {name}: its id is used twice"));
+            }
+        }
+        let tokens = TokenCache {
+            seen: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            max: token_ids_max.max(1),
+        };
+        Ok(Auth {
+            networks: by_id,
+            by_cert,
+            tokens: Mutex::new(tokens),
+        })
+    }
+
+    pub fn network(&self, id: NetworkId) -> Option<&NetworkEntry> {
+        self.networks.get(&id)
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = &NetworkEntry> {
+        self.networks.values()
+    }
+
+    /// The network a client certificate speaks for.
+    pub fn network_of_cert(&self, cert_der: &[u8]) -> Option<NetworkId> {
+        let fingerprint: [u8; 32] = digest(&SHA256, cert_der).as_ref().try_into().ok()?;
+        self.by_cert.get(&fingerprint).copied()
+    }
+
+    /// Checks a `Hello` against the TLS client certificate (DER, if any) and decides who the
+    /// session speaks for.
+    pub fn authenticate(
+        &self,
+        now_ms: u64,
+        hello: &ArchivedHello,
+        peer_cert: Option<&[u8]>,
+    ) -> Result<Principal, Refused> {
+        let role = hello.role.get();
+        if role == Role::Device {
+            return self.authenticate_device(now_ms, hello);
+        }
+        let cert = peer_cert.ok_or_else(|| {
+            refused(
+                ErrorCode::CertificateRequired,
+                format!("the {role:?} role needs a client certificate"),
+            )
+        })?;
+        let network_id = self.network_of_cert(cert).ok_or_else(|| {
+            refused(
+                ErrorCode::CertificateUnknown,
+                "this client certificate speaks for no network",
+            )
+        })?;
+        let network = self.networks.get(&network_id).ok_or_else(|| {
+            refused(
+                ErrorCode::CertificateUnknown,
+                "this client certificate speaks for no network",
+            )
+        })?;
+        if !network.server_roles.contains(&role) {
+            return Err(refused(
+                ErrorCode::RoleNotAllowed,
+                format!("network {} may not connect as {role:?}", network.name),
+            ));
+        }
+        Ok(Principal::Server {
+            network: network.id,
+        })
+    }
+
+    fn authenticate_device(
+        &self,
+        now_ms: u64,
+        hello: &ArchivedHello,
+    ) -> Result<Principal, Refused> {
+        let ArchivedOption::Some(token) = &hello.token else {
+            return Err(refused(
+                ErrorCode::TokenRequired,
+                "a device session needs a device token in Hello",
+            ));
+        };
+        let device = token.device.get();
+        let network = self.networks.get(&device.network).ok_or_else(|| {
+            refused(
+                ErrorCode::TokenInvalid,
+                format!("network {} is not served by this relay", device.network),
+            )
+        })?;
+        let key = network.token_public_key.ok_or_else(|| {
+            refused(
+                ErrorCode::TokenInvalid,
+                format!("network {} has no device-token key", network.name),
+            )
+        })?;
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(&token.signed_bytes(), &token.signature)
+            .map_err(|_| {
+                refused(
+                    ErrorCode::TokenInvalid,
+                    "the device token's signature does not verify",
+                )
+            })?;
+        let expires_at_ms = token.expires_at_ms.to_native();
+        if expires_at_ms <= now_ms {
+            return Err(refused(
+                ErrorCode::TokenExpired,
+                "the device token has expired",
+            ));
+        }
+        let mut tokens = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tokens.record(now_ms, token.token_id.to_native(), expires_at_ms) {
+            Ok(()) => Ok(Principal::Device { device }),
+            Err(ErrorCode::TokenReplayed) => Err(refused(
+                ErrorCode::TokenReplayed,
+                "this device token was used before",
+            )),
+            Err(code) => Err(refused(
+                code,
+                "the relay cannot track more device tokens right now",
+            )),
+        }
+    }
+}

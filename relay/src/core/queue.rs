@@ -1,0 +1,91 @@
+//! Per-device queues. The shard talks to them through [`DeviceQueue`]: memory today; the
+//! durable per-shard log slots in behind the same trait.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use codec::{DeviceAddress, MessageId};
+
+/// One frame waiting for one device: an `Envelope` or `Receipt` exactly as its sender wrote it.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Position in the device's queue; strictly increasing.
+    pub seq: u64,
+    /// The envelope's `message_id` or the receipt's `receipt_id`.
+    pub id: MessageId,
+    pub sender: DeviceAddress,
+    pub expires_at_ms: u64,
+    /// The whole frame; a reference-counted slice of the buffer it was read into.
+    pub frame: Bytes,
+}
+
+/// The operations the shard needs of a device's queue, in queue order.
+pub trait DeviceQueue: Default {
+    fn push(&mut self, item: Queued);
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of all queued frames.
+    fn bytes(&self) -> u64;
+    fn get(&self, index: usize) -> Option<&Queued>;
+    /// Removes the frame with `id`, returning its index and the frame.
+    fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)>;
+    /// Removes the frame with `seq`, returning its index and the frame.
+    fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)>;
+    /// Drops everything (the device was removed); returns how many frames were dropped.
+    fn clear(&mut self) -> usize;
+}
+
+/// A device queue in memory.
+#[derive(Debug, Default)]
+pub struct MemoryQueue {
+    items: VecDeque<Queued>,
+    bytes: u64,
+}
+
+impl MemoryQueue {
+    fn take(&mut self, index: usize) -> Option<(usize, Queued)> {
+        let item = self.items.remove(index)?;
+        self.bytes -= item.frame.len() as u64;
+        Some((index, item))
+    }
+}
+
+impl DeviceQueue for MemoryQueue {
+    fn push(&mut self, item: Queued) {
+        debug_assert!(self.items.back().is_none_or(|last| last.seq < item.seq));
+        self.bytes += item.frame.len() as u64;
+        self.items.push_back(item);
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn get(&self, index: usize) -> Option<&Queued> {
+        self.items.get(index)
+    }
+
+    fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)> {
+        // Acks come in delivery order, so the match is almost always at the front.
+        let index = self.items.iter().position(|q| q.id == id)?;
+        self.take(index)
+    }
+
+    fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)> {
+        let index = self.items.binary_search_by_key(&seq, |q| q.seq).ok()?;
+        self.take(index)
+    }
+
+    fn clear(&mut self) -> usize {
+        let dropped = self.items.len();
+        self.items.clear();
+        self.bytes = 0;
+        dropped
+    }
+}

@@ -1,0 +1,126 @@
+//! The relay's configured bounds. Every queue, buffer and map of the relay is bounded by one
+//! of these (or by a codec limit); the relations between them are checked at start.
+
+use serde::Deserialize;
+
+/// Bounds the relay enforces, set in the `[limits]` table of the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayLimits {
+    /// Devices a user may have: a primary and four companions by default, as the gatekeeper
+    /// allows.
+    pub devices_per_user_max: u16,
+    /// Frames queued for one device; past it, senders get `QUEUE_FULL`.
+    pub device_queue_depth_max: u32,
+    /// Bytes queued on one shard (one core), all devices together; past it, `QUEUE_FULL`.
+    pub shard_queued_bytes_max: u64,
+    /// Deliveries written to a device and not yet acknowledged by it.
+    pub device_deliveries_in_flight_max: u32,
+    /// Envelopes and receipts a session may have awaiting the relay's `Ack`.
+    pub frames_in_flight_max: u32,
+    /// Bytes waiting to be written to one connection before the relay stops reading from it.
+    pub connection_pending_bytes_max: u32,
+    /// The largest envelope payload the relay accepts (at most the codec's 256 KiB).
+    pub payload_bytes_max: u32,
+    /// The longest TTL honoured; longer ones are cut to it.
+    pub ttl_seconds_max: u32,
+    /// How long a (sender, message id) pair is remembered for deduplication.
+    pub dedup_window_seconds: u32,
+    /// Pairs remembered per shard; the oldest are forgotten first past it.
+    pub dedup_entries_max: u32,
+    /// Connections one core accepts; past it, new connections are closed at once.
+    pub connections_per_core_max: u32,
+    /// Device tokens remembered for replay detection (until they expire).
+    pub token_ids_max: u32,
+    /// Work items one core sends another in one batch.
+    pub cross_core_batch_max: u32,
+    /// Batches waiting in one core's inbox; a full inbox pushes back on the sending core.
+    pub cross_core_inbox_batches_max: u32,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            devices_per_user_max: 5,
+            device_queue_depth_max: 10_000,
+            shard_queued_bytes_max: 1 << 30,
+            device_deliveries_in_flight_max: 256,
+            frames_in_flight_max: 4096,
+            connection_pending_bytes_max: 4 << 20,
+            payload_bytes_max: 64 * 1024,
+            ttl_seconds_max: 7 * 24 * 3600,
+            dedup_window_seconds: 600,
+            dedup_entries_max: 1_000_000,
+            connections_per_core_max: 200_000,
+            token_ids_max: 1_000_000,
+            cross_core_batch_max: 1024,
+            cross_core_inbox_batches_max: 1024,
+        }
+    }
+}
+
+impl RelayLimits {
+    /// Checks each bound against the codec's and against each other; names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(&str, bool, String); 9] = [
+            (
+                "limits.devices_per_user_max",
+                (1..=codec::limits::RECIPIENT_DEVICES_MAX)
+                    .contains(&usize::from(self.devices_per_user_max)),
+                format!("must be 1 to {}", codec::limits::RECIPIENT_DEVICES_MAX),
+            ),
+            (
+                "limits.device_queue_depth_max",
+                self.device_queue_depth_max >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "limits.payload_bytes_max",
+                (1..=codec::limits::PAYLOAD_BYTES_MAX).contains(&(self.payload_bytes_max as usize)),
+                format!("must be 1 to {}", codec::limits::PAYLOAD_BYTES_MAX),
+            ),
+            (
+                "limits.ttl_seconds_max",
+                (1..=codec::limits::TTL_SECONDS_MAX).contains(&self.ttl_seconds_max),
+                format!("must be 1 to {}", codec::limits::TTL_SECONDS_MAX),
+            ),
+            (
+                "limits.device_deliveries_in_flight_max",
+                self.device_deliveries_in_flight_max >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "limits.frames_in_flight_max",
+                self.frames_in_flight_max >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "limits.connection_pending_bytes_max",
+                self.connection_pending_bytes_max as usize >= codec::limits::FRAME_BYTES_MAX,
+                format!(
+                    "must hold at least one whole frame ({} bytes)",
+                    codec::limits::FRAME_BYTES_MAX
+                ),
+            ),
+            (
+                "limits.shard_queued_bytes_max",
+                self.shard_queued_bytes_max >= codec::limits::FRAME_BYTES_MAX as u64,
+                format!(
+                    "must hold at least one whole frame ({} bytes)",
+                    codec::limits::FRAME_BYTES_MAX
+                ),
+            ),
+            (
+                "limits.cross_core_batch_max",
+                self.cross_core_batch_max >= 1 && self.cross_core_inbox_batches_max >= 1,
+                "cross_core_batch_max and cross_core_inbox_batches_max must be at least 1".into(),
+            ),
+        ];
+        for (key, ok, why) in checks {
+            if !ok {
+                return Err(format!("{key}: {why}"));
+            }
+        }
+        Ok(())
+    }
+}
