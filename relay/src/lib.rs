@@ -4,5 +4,10 @@
 //! core shell that drives them over TLS sockets; `config` and `pki` what `relay serve` starts
 //! from; `metrics` what `/metrics` exports.
 
+pub mod config;
 pub mod core;
+pub mod http;
+pub mod io;
 pub mod limits;
+pub mod metrics;
+pub mod pki;

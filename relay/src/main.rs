@@ -1,7 +1,171 @@
-//! The `relay` binary.
+//! The `relay` binary: `relay serve` runs a relay; `relay codes` lists the protocol's error
+//! codes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
+use relay::config::Config;
+use relay::http::HttpServer;
+use relay::io::Relay;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() {}
+/// Article 7 Relay: routes end-to-end-encrypted messages between a gatekeeper messenger and
+/// the partner networks that interoperate with it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a relay. Without --config: data under ./relay-data, a development PKI created
+    /// there on first start, TLS on 127.0.0.1:7700, HTTP (/metrics) on 127.0.0.1:7780, one
+    /// core per CPU. Prints one line starting `relay ready` once it accepts connections;
+    /// SIGINT or SIGTERM stops it cleanly. Log level: RELAY_LOG (e.g. `debug`).
+    Serve {
+        /// A TOML configuration file (see docs/operations.md for every key).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Overrides `cores` (0: one per CPU).
+        #[arg(long, value_name = "N")]
+        cores: Option<u16>,
+        /// Overrides `listen` (TLS), e.g. 127.0.0.1:0 for any free port.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Overrides `http_listen`.
+        #[arg(long, value_name = "ADDR")]
+        http_listen: Option<std::net::SocketAddr>,
+    },
+    /// List the protocol's error codes: number, name, whether retrying may help.
+    Codes,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Codes => {
+            for code in codec::ErrorCode::ALL {
+                let retry = if code.is_retryable() {
+                    "retryable"
+                } else {
+                    "final"
+                };
+                println!("{:>4}  {:<22} {retry}", code.as_u16(), code.name());
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Command::Serve {
+            config,
+            data_dir,
+            cores,
+            listen,
+            http_listen,
+        } => {
+            init_logging();
+            let loaded = match &config {
+                Some(path) => Config::load(path),
+                None => Ok(Config::embedded()),
+            };
+            let mut config = match loaded {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("relay: configuration error: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            if let Some(n) = cores {
+                config.cores = if n == 0 {
+                    Config::embedded().cores
+                } else {
+                    n.min(relay::config::CORES_MAX)
+                };
+            }
+            if let Some(addr) = listen {
+                config.listen = addr;
+            }
+            if let Some(addr) = http_listen {
+                config.http_listen = addr;
+            }
+            match serve(&config) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("relay: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(config: &Config) -> Result<(), String> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?;
+    let relay = Relay::start(config)?;
+    let shared = relay.shared.clone();
+    let durability = "memory";
+    let render =
+        Arc::new(move || relay::metrics::render(&shared.metrics, &shared.connections, durability));
+    let http = match HttpServer::start(config.http_listen, render) {
+        Ok(http) => http,
+        Err(e) => {
+            relay.stop();
+            return Err(e);
+        }
+    };
+    println!(
+        "relay ready tls={} http={} cores={} durability={durability} data={}",
+        relay.listen,
+        http.addr,
+        config.cores,
+        config.data_dir.display()
+    );
+    wait_for_signal();
+    tracing::info!("stopping: no new connections; flushing open sessions");
+    relay.stop();
+    http.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn wait_for_signal() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return tracing::error!("signal runtime: {e}"),
+    };
+    runtime.block_on(async {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+}

@@ -21,6 +21,8 @@ pub enum SessionEvent {
     Route { shard: u16, input: ShardInput },
     /// Work for every shard (a server session joining or leaving).
     Broadcast(ShardInput),
+    /// An error was written to the client (for the errors-by-code metric).
+    Refused(ErrorCode),
     /// Flush what was written and close the connection.
     Close,
 }
@@ -114,15 +116,15 @@ impl Session {
                 let sender = envelope.sender.get();
                 let id = envelope.message_id.get();
                 if !principal.may_act_as(&sender) {
-                    return reject(out, id, sender, ErrorCode::SenderNotAllowed);
+                    return reject(out, events, id, sender, ErrorCode::SenderNotAllowed);
                 }
                 if view.payload.len() > cx.limits.payload_bytes_max as usize {
-                    return reject(out, id, sender, ErrorCode::PayloadTooLarge);
+                    return reject(out, events, id, sender, ErrorCode::PayloadTooLarge);
                 }
                 let ttl_seconds = envelope.ttl_seconds.to_native();
                 let sent_at = envelope.timestamp_ms.to_native();
                 if sent_at.saturating_add(u64::from(ttl_seconds) * 1000) < cx.now_ms {
-                    return reject(out, id, sender, ErrorCode::MessageExpired);
+                    return reject(out, events, id, sender, ErrorCode::MessageExpired);
                 }
                 let listed = match &envelope.devices {
                     ArchivedDeviceSelection::All => None,
@@ -152,7 +154,7 @@ impl Session {
                 let sender = receipt.sender.get();
                 let id = receipt.receipt_id.get();
                 if !principal.may_act_as(&sender) {
-                    return reject(out, id, sender, ErrorCode::SenderNotAllowed);
+                    return reject(out, events, id, sender, ErrorCode::SenderNotAllowed);
                 }
                 let routed = Routed {
                     sender,
@@ -170,6 +172,7 @@ impl Session {
                 if !principal.may_act_as(&signal.sender.get()) {
                     return error(
                         out,
+                        events,
                         ErrorCode::SenderNotAllowed,
                         None,
                         false,
@@ -191,6 +194,7 @@ impl Session {
                 if !principal.may_act_as(&device) {
                     return error(
                         out,
+                        events,
                         ErrorCode::SenderNotAllowed,
                         Some(ack.message_id.get()),
                         false,
@@ -212,6 +216,7 @@ impl Session {
                 if !matches!(principal, Principal::Server { .. }) {
                     return error(
                         out,
+                        events,
                         ErrorCode::UnexpectedFrame,
                         Some(request_id),
                         false,
@@ -221,6 +226,7 @@ impl Session {
                 if !principal.may_manage(&user) {
                     return reject(
                         out,
+                        events,
                         request_id,
                         user.device(DeviceId(0)),
                         ErrorCode::SenderNotAllowed,
@@ -247,6 +253,7 @@ impl Session {
             | HeaderRef::Delivery(_) => {
                 error(
                     out,
+                    events,
                     ErrorCode::UnexpectedFrame,
                     None,
                     false,
@@ -266,7 +273,7 @@ impl Session {
         if err.is_framing() {
             return self.fail(err.code(), &err.to_string(), out, events);
         }
-        error(out, err.code(), None, false, &err.to_string());
+        error(out, events, err.code(), None, false, &err.to_string());
     }
 
     /// The relay's `Ack` for one of this session's frames is being written.
@@ -307,7 +314,13 @@ impl Session {
         events: &mut Vec<SessionEvent>,
     ) {
         if self.in_flight >= cx.limits.frames_in_flight_max {
-            return reject(out, routed.id, routed.sender, ErrorCode::InFlightLimit);
+            return reject(
+                out,
+                events,
+                routed.id,
+                routed.sender,
+                ErrorCode::InFlightLimit,
+            );
         }
         self.in_flight += 1;
         let shard = shard_of(&routed.recipient, cx.shards);
@@ -382,7 +395,7 @@ impl Session {
         out: &mut BytesMut,
         events: &mut Vec<SessionEvent>,
     ) {
-        error(out, code, None, true, reason);
+        error(out, events, code, None, true, reason);
         self.closed = true;
         events.push(SessionEvent::Close);
     }
@@ -391,11 +404,13 @@ impl Session {
 /// Writes an `Error` frame.
 pub fn error(
     out: &mut BytesMut,
+    events: &mut Vec<SessionEvent>,
     code: ErrorCode,
     refers_to: Option<MessageId>,
     fatal: bool,
     reason: &str,
 ) {
+    events.push(SessionEvent::Refused(code));
     let mut end = reason.len().min(codec::limits::ERROR_REASON_BYTES_MAX);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -411,7 +426,14 @@ pub fn error(
 }
 
 /// Writes a rejected `Ack` for a frame refused before routing.
-fn reject(out: &mut BytesMut, id: MessageId, address: codec::DeviceAddress, code: ErrorCode) {
+fn reject(
+    out: &mut BytesMut,
+    events: &mut Vec<SessionEvent>,
+    id: MessageId,
+    address: codec::DeviceAddress,
+    code: ErrorCode,
+) {
+    events.push(SessionEvent::Refused(code));
     write_ack(
         out,
         id,

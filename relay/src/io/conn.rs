@@ -1,0 +1,423 @@
+//! One client connection on one core: a reader that decrypts into the frame decoder and feeds
+//! the session, and a writer that encrypts everything pending into one buffer and writes it
+//! with one io_uring write per turn.
+//!
+//! Payload bytes are never copied between reading and writing: rustls decrypts into the
+//! decoder's buffer, each frame is a reference-counted slice of it, the shard queues that
+//! slice, and the writer hands it to rustls, which encrypts it into the outgoing record.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use codec::{Delivery, ErrorCode, FrameDecoder, FrameKind, delivery_flags, encode_head};
+use rustls::ServerConnection;
+use tokio::sync::Notify;
+use tokio_uring::net::TcpStream;
+
+use super::core::Core;
+use super::now_ms;
+use crate::core::session::{Session, SessionContext, SessionEvent, error, write_ack};
+use crate::core::shard::ShardOutput;
+use crate::core::{ConnId, Principal};
+
+/// Bytes read from the socket per read: one TLS record's worth, so an idle connection holds
+/// little.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Frames waiting to be encrypted and written, in order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Small frames the relay encodes (acks, errors, delivery heads) are written here first...
+    scratch: BytesMut,
+    /// ...and sealed into chunks, next to the queued frames they precede or follow.
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl Outbox {
+    fn seal_scratch(&mut self) {
+        if !self.scratch.is_empty() {
+            let sealed = self.scratch.split().freeze();
+            self.bytes += sealed.len();
+            self.chunks.push_back(sealed);
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        self.seal_scratch();
+        self.bytes += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+}
+
+pub struct Conn {
+    pub id: ConnId,
+    stream: TcpStream,
+    tls: RefCell<ServerConnection>,
+    session: RefCell<Session>,
+    peer_cert: RefCell<Option<Vec<u8>>>,
+    handshake_seen: Cell<bool>,
+    out: RefCell<Outbox>,
+    writer_wake: Notify,
+    drained: Notify,
+    closing: Cell<bool>,
+    counted: Cell<Option<Principal>>,
+}
+
+impl Conn {
+    /// Marks the connection for closing: the writer flushes what is pending, sends
+    /// close_notify and shuts the socket, which ends the reader's pending read.
+    pub fn begin_close(&self) {
+        self.closing.set(true);
+        self.writer_wake.notify_one();
+    }
+
+    fn wake_writer(&self) {
+        self.writer_wake.notify_one();
+    }
+
+    /// A shard's output for this connection.
+    pub fn apply(&self, core: &Core, output: ShardOutput) {
+        let metrics = core.metrics();
+        let mut out = self.out.borrow_mut();
+        match output {
+            ShardOutput::Deliver {
+                device,
+                seq,
+                ephemeral,
+                frame,
+                ..
+            } => {
+                let flags = if ephemeral {
+                    delivery_flags::EPHEMERAL
+                } else {
+                    0
+                };
+                if encode_head(
+                    &mut out.scratch,
+                    &Delivery { device, seq, flags },
+                    frame.len(),
+                )
+                .is_ok()
+                {
+                    out.push(frame);
+                    metrics.deliveries_out.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            ShardOutput::Ack {
+                id,
+                address,
+                result,
+                ..
+            } => {
+                self.session.borrow_mut().on_relay_ack();
+                if let Err(refusal) = &result {
+                    metrics.error(refusal.code);
+                }
+                write_ack(&mut out.scratch, id, address, result);
+                metrics.acks_out.fetch_add(1, Ordering::Relaxed);
+            }
+            ShardOutput::Close { code, .. } => {
+                metrics.error(code);
+                let mut events = Vec::new();
+                error(
+                    &mut out.scratch,
+                    &mut events,
+                    code,
+                    None,
+                    true,
+                    "the session is closed by the relay",
+                );
+                drop(out);
+                self.begin_close();
+                return;
+            }
+        }
+        // A client that does not read its deliveries must not grow the relay's memory: past
+        // twice the pending bound it is closed. Nothing is lost: unacknowledged deliveries
+        // stay queued and go out again when it reconnects.
+        if out.bytes + out.scratch.len()
+            > 2 * core.shared.limits.connection_pending_bytes_max as usize
+        {
+            metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
+            drop(out);
+            self.begin_close();
+            let _ = self.stream.shutdown(Shutdown::Read);
+            return;
+        }
+        drop(out);
+        self.wake_writer();
+    }
+
+    /// Feeds bytes from the socket to rustls and moves the plaintext into the decoder.
+    /// `Ok(true)` when the peer closed the TLS session.
+    fn take_plaintext(
+        &self,
+        mut input: &[u8],
+        decoder: &mut FrameDecoder,
+    ) -> Result<bool, rustls::Error> {
+        let mut tls = self.tls.borrow_mut();
+        while !input.is_empty() {
+            if tls.read_tls(&mut input).is_err() {
+                return Err(rustls::Error::General("reading TLS records".into()));
+            }
+            let state = tls.process_new_packets()?;
+            if !self.handshake_seen.get() && !tls.is_handshaking() {
+                self.handshake_seen.set(true);
+                let cert = tls
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.as_ref().to_vec());
+                *self.peer_cert.borrow_mut() = cert;
+            }
+            let mut want = state.plaintext_bytes_to_read();
+            while want > 0 {
+                let buf = decoder.buffer_mut();
+                let start = buf.len();
+                buf.resize(start + want, 0);
+                let got = tls.reader().read(&mut buf[start..]).unwrap_or(0);
+                buf.truncate(start + got);
+                if got == 0 {
+                    break;
+                }
+                want -= got;
+            }
+            if state.peer_has_closed() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Runs every complete frame through the session.
+    fn handle_frames(
+        &self,
+        core: &Core,
+        decoder: &mut FrameDecoder,
+        events: &mut Vec<SessionEvent>,
+    ) {
+        let metrics = core.metrics();
+        let peer = self.peer_cert.borrow();
+        let cx = SessionContext {
+            now_ms: now_ms(),
+            auth: &core.shared.auth,
+            peer_cert: peer.as_deref(),
+            limits: &core.shared.limits,
+            shards: core.shared.cores,
+        };
+        let mut session = self.session.borrow_mut();
+        let mut out = self.out.borrow_mut();
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                    let counter = match frame.kind() {
+                        FrameKind::Envelope => Some(&metrics.envelopes_in),
+                        FrameKind::Receipt => Some(&metrics.receipts_in),
+                        FrameKind::Signal => Some(&metrics.signals_in),
+                        _ => None,
+                    };
+                    if let Some(counter) = counter {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    session.handle_frame(&cx, &frame, &mut out.scratch, events);
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    session.handle_decode_error(err, &mut out.scratch, events);
+                    if err.is_framing() {
+                        break;
+                    }
+                }
+            }
+            if session.is_closed() {
+                break;
+            }
+        }
+        out.seal_scratch();
+        if self.counted.get().is_none()
+            && let Some(principal) = session.principal()
+        {
+            self.counted.set(Some(principal));
+            count_connection(core, principal, 1);
+        }
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("closing", &self.closing.get())
+            .finish_non_exhaustive()
+    }
+}
+
+fn count_connection(core: &Core, principal: Principal, delta: i64) {
+    let (kind, network) = match principal {
+        Principal::Server { network } => ("server", network),
+        Principal::Device { device } => ("device", device.network),
+    };
+    core.shared.connections.add(kind, network, delta);
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let Some((id, session_id)) = core.reserve_slot() else {
+        tracing::warn!(
+            core = core.index,
+            "connection refused: connections_per_core_max reached"
+        );
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut tls = match ServerConnection::new(core.shared.tls.clone()) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!("TLS session setup failed: {e}");
+            return;
+        }
+    };
+    // The outbox bounds what waits for this client; rustls need not bound it again.
+    tls.set_buffer_limit(None);
+    let conn = Rc::new(Conn {
+        id,
+        stream,
+        tls: RefCell::new(tls),
+        session: RefCell::new(Session::new(id, session_id)),
+        peer_cert: RefCell::new(None),
+        handshake_seen: Cell::new(false),
+        out: RefCell::new(Outbox::default()),
+        writer_wake: Notify::new(),
+        drained: Notify::new(),
+        closing: Cell::new(false),
+        counted: Cell::new(None),
+    });
+    core.insert(conn.clone());
+    let writer = tokio_uring::spawn(write_loop(core.clone(), conn.clone()));
+    read_loop(&core, &conn).await;
+    let mut events = Vec::new();
+    conn.session
+        .borrow_mut()
+        .on_close(core.shared.cores, &mut events);
+    core.dispatch(&mut events, &conn);
+    core.flush().await;
+    conn.begin_close();
+    let _ = writer.await;
+    if let Some(principal) = conn.counted.get() {
+        count_connection(&core, principal, -1);
+    }
+    core.remove(id);
+}
+
+async fn read_loop(core: &Core, conn: &Conn) {
+    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let mut decoder = FrameDecoder::with_capacity(0);
+    let mut events = Vec::new();
+    let pending_max = core.shared.limits.connection_pending_bytes_max as usize;
+    while !conn.closing.get() {
+        let (result, returned) = conn.stream.read(buf).await;
+        buf = returned;
+        let read = match result {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let started = Instant::now();
+        core.metrics()
+            .bytes_in
+            .fetch_add(read as u64, Ordering::Relaxed);
+        let peer_closed = match conn.take_plaintext(&buf[..read], &mut decoder) {
+            Ok(closed) => closed,
+            Err(e) => {
+                tracing::debug!(conn = ?conn.id, "TLS error: {e}");
+                conn.begin_close();
+                return;
+            }
+        };
+        conn.handle_frames(core, &mut decoder, &mut events);
+        core.dispatch(&mut events, conn);
+        core.flush().await;
+        conn.wake_writer();
+        core.record_turn(started);
+        if peer_closed {
+            return;
+        }
+        // Back-pressure: stop reading while this client has too much waiting to be written.
+        while conn.out.borrow().bytes > pending_max && !conn.closing.get() {
+            conn.drained.notified().await;
+        }
+    }
+}
+
+async fn write_loop(core: Rc<Core>, conn: Rc<Conn>) {
+    let mut spare: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+    let mut close_notify_sent = false;
+    loop {
+        let mut tls_out = std::mem::take(&mut spare);
+        tls_out.clear();
+        {
+            let mut tls = conn.tls.borrow_mut();
+            let mut out = conn.out.borrow_mut();
+            out.seal_scratch();
+            while let Some(chunk) = out.chunks.pop_front() {
+                if tls.writer().write_all(&chunk).is_err() {
+                    conn.closing.set(true);
+                    break;
+                }
+            }
+            out.bytes = 0;
+            if conn.closing.get() && out.chunks.is_empty() && !close_notify_sent {
+                tls.send_close_notify();
+                close_notify_sent = true;
+            }
+            while tls.wants_write() {
+                if tls.write_tls(&mut tls_out).is_err() {
+                    break;
+                }
+            }
+        }
+        if !tls_out.is_empty() {
+            let written = tls_out.len() as u64;
+            let (result, returned) = conn.stream.write_all(tls_out).await;
+            spare = returned;
+            if result.is_err() {
+                break;
+            }
+            core.metrics()
+                .bytes_out
+                .fetch_add(written, Ordering::Relaxed);
+            continue;
+        }
+        conn.drained.notify_waiters();
+        if conn.closing.get() && close_notify_sent {
+            break;
+        }
+        conn.writer_wake.notified().await;
+    }
+    conn.closing.set(true);
+    conn.drained.notify_waiters();
+    let _ = conn.stream.shutdown(Shutdown::Both);
+}
+
+/// Tells every connection of the core the relay is stopping, and closes it.
+pub fn shut_down_all(core: &Core) {
+    for conn in core.conns.borrow().all() {
+        let mut events = Vec::new();
+        error(
+            &mut conn.out.borrow_mut().scratch,
+            &mut events,
+            ErrorCode::ShuttingDown,
+            None,
+            true,
+            "the relay is shutting down",
+        );
+        conn.begin_close();
+        let _ = conn.stream.shutdown(Shutdown::Read);
+    }
+}

@@ -1,0 +1,189 @@
+//! The IO shell: one thread per core, each running a tokio-uring runtime with its own
+//! SO_REUSEPORT listener, its connections and its shard. Only this module touches sockets,
+//! threads and the clock; `crate::core` gets the time as an argument.
+
+pub mod conn;
+pub mod core;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use rustls::ServerConfig;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Notify;
+
+use self::core::{Batch, Core};
+use crate::config::Config;
+use crate::core::auth::Auth;
+use crate::limits::RelayLimits;
+use crate::metrics::{Connections, CoreMetrics};
+
+/// What every core shares: read-only configuration, the inboxes of the others, counters.
+#[derive(Debug)]
+pub struct Shared {
+    pub cores: u16,
+    pub limits: RelayLimits,
+    pub auth: Auth,
+    pub tls: Arc<ServerConfig>,
+    pub senders: Vec<Sender<Batch>>,
+    /// Wakes a core's inbox task.
+    pub notifies: Vec<Arc<Notify>>,
+    /// Wakes a core's accept loop (to stop it).
+    pub control: Vec<Arc<Notify>>,
+    pub metrics: Vec<Arc<CoreMetrics>>,
+    pub connections: Connections,
+    pub stopping: AtomicBool,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    pub listen: SocketAddr,
+    pub shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Binds every core's listener, starts the cores, and returns once all accept.
+    pub fn start(config: &Config) -> Result<Relay, String> {
+        let (tls_paths, networks) = config.resolve_identities()?;
+        let auth = Auth::new(networks, config.limits.token_ids_max as usize)?;
+        let tls = tls::server_config(&tls_paths)?;
+        let cores = config.cores;
+        let mut senders = Vec::new();
+        let mut inboxes = Vec::new();
+        for _ in 0..cores {
+            let (tx, rx) =
+                crossbeam_channel::bounded(config.limits.cross_core_inbox_batches_max as usize);
+            senders.push(tx);
+            inboxes.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            cores,
+            limits: config.limits,
+            auth,
+            tls,
+            senders,
+            notifies: (0..cores).map(|_| Arc::new(Notify::new())).collect(),
+            control: (0..cores).map(|_| Arc::new(Notify::new())).collect(),
+            metrics: (0..cores)
+                .map(|_| Arc::new(CoreMetrics::default()))
+                .collect(),
+            connections: Connections::default(),
+            stopping: AtomicBool::new(false),
+        });
+        let first =
+            bind_reuseport(config.listen).map_err(|e| format!("listen {}: {e}", config.listen))?;
+        let listen = first.local_addr().map_err(|e| e.to_string())?;
+        let mut listeners = vec![first];
+        for _ in 1..cores {
+            listeners.push(bind_reuseport(listen).map_err(|e| format!("listen {listen}: {e}"))?);
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+            let shared = shared.clone();
+            let ready = ready_tx.clone();
+            let index = index as u16;
+            let thread = std::thread::Builder::new()
+                .name(format!("relay-core-{index}"))
+                .spawn(move || run_core(index, shared, listener, inbox, ready))
+                .map_err(|e| format!("starting core {index}: {e}"))?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        for _ in 0..cores {
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| "a core failed to start (is io_uring available?)".to_string())??;
+        }
+        Ok(Relay {
+            listen,
+            shared,
+            threads,
+        })
+    }
+
+    /// Stops accepting, tells every client, flushes what is pending, and joins the cores.
+    pub fn stop(self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for control in &self.shared.control {
+            control.notify_one();
+        }
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// How long stopping waits for connections to flush before the core exits anyway.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+fn run_core(
+    index: u16,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    inbox: crossbeam_channel::Receiver<Batch>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio_uring::start(async move {
+            let core = Rc::new(Core::new(index, shared.clone(), inbox));
+            let listener = tokio_uring::net::TcpListener::from_std(listener);
+            tokio_uring::spawn(core.clone().run_inbox());
+            tokio_uring::spawn(core.clone().run_timers());
+            let _ = ready.send(Ok(()));
+            let control = shared.control[usize::from(index)].clone();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            tokio_uring::spawn(conn::serve(core.clone(), stream));
+                        }
+                        Err(e) => {
+                            tracing::warn!(core = index, "accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    },
+                    () = control.notified() => {
+                        if shared.stopping.load(Ordering::Acquire) {
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(listener);
+            conn::shut_down_all(&core);
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            while !core.conns.borrow().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }));
+    if started.is_err() {
+        tracing::error!(core = index, "core stopped by a panic");
+    }
+}

@@ -1,0 +1,259 @@
+//! Counters the cores update and `/metrics` renders in the Prometheus text format. Each core
+//! writes only its own counters (relaxed atomics, no locks on the hot path).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use codec::{ErrorCode, NetworkId};
+
+use crate::core::shard::ShardStats;
+
+#[derive(Debug)]
+pub struct CoreMetrics {
+    pub frames_in: AtomicU64,
+    pub envelopes_in: AtomicU64,
+    pub receipts_in: AtomicU64,
+    pub signals_in: AtomicU64,
+    pub acks_out: AtomicU64,
+    pub deliveries_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub slow_consumer_closes: AtomicU64,
+    pub busy_ns: AtomicU64,
+    pub turns: AtomicU64,
+    errors: [AtomicU64; 64],
+    shard: [AtomicU64; 10],
+}
+
+impl Default for CoreMetrics {
+    fn default() -> Self {
+        CoreMetrics {
+            frames_in: AtomicU64::new(0),
+            envelopes_in: AtomicU64::new(0),
+            receipts_in: AtomicU64::new(0),
+            signals_in: AtomicU64::new(0),
+            acks_out: AtomicU64::new(0),
+            deliveries_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            slow_consumer_closes: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            turns: AtomicU64::new(0),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            shard: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl CoreMetrics {
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn publish_shard(&self, s: ShardStats) {
+        let values = [
+            s.accepted,
+            s.duplicates,
+            s.refused,
+            s.delivered,
+            s.released,
+            s.expired,
+            s.deleted,
+            s.signals,
+            s.queued_frames,
+            s.queued_bytes,
+        ];
+        for (slot, value) in self.shard.iter().zip(values) {
+            slot.store(value, Ordering::Relaxed);
+        }
+    }
+}
+
+const SHARD_NAMES: [(&str, &str, &str); 10] = [
+    (
+        "relay_shard_accepted_total",
+        "counter",
+        "Envelopes and receipts stored for every target device",
+    ),
+    (
+        "relay_shard_duplicates_total",
+        "counter",
+        "Resent ids acknowledged again and not queued",
+    ),
+    (
+        "relay_shard_refused_total",
+        "counter",
+        "Envelopes and receipts refused by the shard",
+    ),
+    (
+        "relay_shard_delivered_total",
+        "counter",
+        "Deliveries written to a device's connection",
+    ),
+    (
+        "relay_shard_released_total",
+        "counter",
+        "Queued frames released by a device's Ack",
+    ),
+    (
+        "relay_shard_expired_total",
+        "counter",
+        "Queued frames removed when their TTL ran out",
+    ),
+    (
+        "relay_shard_deleted_total",
+        "counter",
+        "Queued frames deleted with a removed device",
+    ),
+    (
+        "relay_shard_signals_total",
+        "counter",
+        "Ephemeral signals delivered",
+    ),
+    (
+        "relay_queue_frames",
+        "gauge",
+        "Frames queued, delivered or not, awaiting a device's Ack",
+    ),
+    ("relay_queue_bytes", "gauge", "Bytes of queued frames"),
+];
+
+const _: () = assert!(
+    ErrorCode::ALL.len() <= 64,
+    "CoreMetrics::errors has 64 slots"
+);
+
+/// Connections open, by kind (server or device) and network.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: Mutex<BTreeMap<(String, u32), i64>>,
+}
+
+impl Connections {
+    pub fn add(&self, kind: &str, network: NetworkId, delta: i64) {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *open.entry((kind.to_string(), network.0)).or_insert(0) += delta;
+    }
+}
+
+/// Renders every core's counters.
+pub fn render(
+    cores: &[std::sync::Arc<CoreMetrics>],
+    connections: &Connections,
+    durability: &str,
+) -> String {
+    let mut out = String::with_capacity(8192);
+    let _ = writeln!(
+        out,
+        "# HELP relay_info Static facts about this relay.\n# TYPE relay_info gauge"
+    );
+    let _ = writeln!(
+        out,
+        "relay_info{{version=\"{}\",durability=\"{durability}\",cores=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        cores.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_connections Connections open, by kind and network.\n# TYPE relay_connections gauge"
+    );
+    for ((role, network), n) in connections
+        .open
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "relay_connections{{kind=\"{role}\",network=\"{network}\"}} {n}"
+        );
+    }
+    let per_core: [(&str, &str, fn(&CoreMetrics) -> &AtomicU64); 11] = [
+        ("relay_frames_in_total", "Frames received", |m| &m.frames_in),
+        ("relay_envelopes_in_total", "Envelopes received", |m| {
+            &m.envelopes_in
+        }),
+        ("relay_receipts_in_total", "Receipts received", |m| {
+            &m.receipts_in
+        }),
+        ("relay_signals_in_total", "Signals received", |m| {
+            &m.signals_in
+        }),
+        ("relay_acks_out_total", "Acks written to senders", |m| {
+            &m.acks_out
+        }),
+        (
+            "relay_deliveries_out_total",
+            "Delivery frames written",
+            |m| &m.deliveries_out,
+        ),
+        ("relay_tls_bytes_in_total", "TLS bytes read", |m| {
+            &m.bytes_in
+        }),
+        ("relay_tls_bytes_out_total", "TLS bytes written", |m| {
+            &m.bytes_out
+        }),
+        (
+            "relay_slow_consumer_closes_total",
+            "Connections closed for not reading their deliveries",
+            |m| &m.slow_consumer_closes,
+        ),
+        (
+            "relay_core_busy_seconds_total",
+            "Time each core spent processing (ns as seconds)",
+            |m| &m.busy_ns,
+        ),
+        (
+            "relay_core_turns_total",
+            "Processing turns of each core",
+            |m| &m.turns,
+        ),
+    ];
+    for (name, help, field) in per_core {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        for (core, m) in cores.iter().enumerate() {
+            let value = field(m).load(Ordering::Relaxed);
+            if name == "relay_core_busy_seconds_total" {
+                let _ = writeln!(out, "{name}{{core=\"{core}\"}} {:.6}", value as f64 / 1e9);
+            } else {
+                let _ = writeln!(out, "{name}{{core=\"{core}\"}} {value}");
+            }
+        }
+    }
+    for (i, (name, kind, help)) in SHARD_NAMES.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
+        for (core, m) in cores.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{core}\"}} {}",
+                m.shard[i].load(Ordering::Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_errors_total Errors sent to clients, by code.\n# TYPE relay_errors_total counter"
+    );
+    for (i, code) in ErrorCode::ALL.iter().enumerate() {
+        let total: u64 = cores
+            .iter()
+            .map(|m| m.errors[i].load(Ordering::Relaxed))
+            .sum();
+        if total > 0 {
+            let _ = writeln!(
+                out,
+                "relay_errors_total{{code=\"{}\",name=\"{}\"}} {total}",
+                code.as_u16(),
+                code.name()
+            );
+        }
+    }
+    out
+}

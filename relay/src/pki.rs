@@ -1,0 +1,166 @@
+//! The development PKI `relay serve` creates on first start: a CA, the relay's server
+//! certificate, client certificates for a gatekeeper network and a demo partner network, and
+//! an Ed25519 device-token key for each. Real deployments configure their own (see
+//! `config.rs`); this exists so the README's run command works on a fresh machine.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use codec::{NetworkId, Role};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::core::auth::NetworkEntry;
+
+/// The gatekeeper network of the development PKI.
+pub const DEV_GATEKEEPER: NetworkId = NetworkId(1);
+/// The demo partner network of the development PKI.
+pub const DEV_PARTNER: NetworkId = NetworkId(2);
+
+/// Paths of the development PKI's files.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    pub dir: PathBuf,
+}
+
+/// (file stem, network, name, server role) of each client identity the dev PKI issues.
+const CLIENTS: [(&str, NetworkId, &str, Role); 2] = [
+    (
+        "gatekeeper",
+        DEV_GATEKEEPER,
+        "gatekeeper",
+        Role::GatekeeperServer,
+    ),
+    ("partner", DEV_PARTNER, "demo-partner", Role::PartnerServer),
+];
+
+impl DevPki {
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("relay.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("relay.key")
+    }
+
+    /// Creates the PKI under `data_dir/pki` unless it is already there, and returns it.
+    pub fn ensure(data_dir: &Path) -> Result<DevPki, String> {
+        let pki = DevPki {
+            dir: data_dir.join("pki"),
+        };
+        if pki.ca_cert().exists() {
+            return Ok(pki);
+        }
+        fs::create_dir_all(&pki.dir).map_err(|e| format!("creating {}: {e}", pki.dir.display()))?;
+        pki.generate().map_err(|e| {
+            format!(
+                "generating the development PKI in {}: {e}",
+                pki.dir.display()
+            )
+        })?;
+        Ok(pki)
+    }
+
+    fn generate(&self) -> Result<(), Box<dyn std::error::Error>> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Article 7 Relay development CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let server_key = KeyPair::generate()?;
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "relay");
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+        write(&self.ca_cert(), ca_cert.pem().as_bytes())?;
+        write(&self.server_cert(), server_cert.pem().as_bytes())?;
+        write(&self.server_key(), server_key.serialize_pem().as_bytes())?;
+        for (stem, _, name, _) in CLIENTS {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, &issuer)?;
+            write(&self.dir.join(format!("{stem}.pem")), cert.pem().as_bytes())?;
+            write(
+                &self.dir.join(format!("{stem}.key")),
+                key.serialize_pem().as_bytes(),
+            )?;
+            let token_key = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                .map_err(|_| "generating an Ed25519 key")?;
+            write(
+                &self.dir.join(format!("{stem}-token.pk8")),
+                token_key.as_ref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The two networks of the development PKI, with their certificate fingerprints and
+    /// token keys read from the files.
+    pub fn networks(&self) -> Result<Vec<NetworkEntry>, String> {
+        CLIENTS
+            .iter()
+            .map(|&(stem, id, name, role)| {
+                let cert_path = self.dir.join(format!("{stem}.pem"));
+                let cert = CertificateDer::from_pem_file(&cert_path)
+                    .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+                let token_path = self.dir.join(format!("{stem}-token.pk8"));
+                let pkcs8 =
+                    fs::read(&token_path).map_err(|e| format!("{}: {e}", token_path.display()))?;
+                let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8)
+                    .map_err(|_| format!("{}: not an Ed25519 PKCS#8 key", token_path.display()))?;
+                let public: [u8; 32] = key
+                    .public_key()
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| "an Ed25519 public key is 32 bytes")?;
+                Ok(NetworkEntry {
+                    id,
+                    name: name.to_string(),
+                    server_roles: vec![role],
+                    cert_sha256: vec![sha256(&cert)],
+                    token_public_key: Some(public),
+                })
+            })
+            .collect()
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    fs::write(path, bytes)?;
+    // Keys are secrets even in development.
+    #[cfg(unix)]
+    if path.extension().is_some_and(|e| e == "key" || e == "pk8") {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
