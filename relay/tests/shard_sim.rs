@@ -174,6 +174,13 @@ impl World {
             }
         }
         for shard in &self.shards {
+            let bound = 2 * shard.stats().queued_frames as usize + 4096;
+            if shard.expiry_entries() > bound {
+                return Err(format!(
+                    "expiry heap holds {} entries, bound {bound}",
+                    shard.expiry_entries()
+                ));
+            }
             for (user, devices) in &self.users {
                 for &d in devices {
                     let len = shard.queue_len(&user.device(d));

@@ -35,6 +35,8 @@ pub trait DeviceQueue: Default {
     fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)>;
     /// Drops everything (the device was removed); returns how many frames were dropped.
     fn clear(&mut self) -> usize;
+    /// Whether the frame with `seq` is still queued.
+    fn contains_seq(&self, seq: u64) -> bool;
 }
 
 /// A device queue in memory.
@@ -80,6 +82,10 @@ impl DeviceQueue for MemoryQueue {
     fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)> {
         let index = self.items.binary_search_by_key(&seq, |q| q.seq).ok()?;
         self.take(index)
+    }
+
+    fn contains_seq(&self, seq: u64) -> bool {
+        self.items.binary_search_by_key(&seq, |q| q.seq).is_ok()
     }
 
     fn clear(&mut self) -> usize {

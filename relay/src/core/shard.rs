@@ -193,6 +193,11 @@ impl<Q: DeviceQueue> Shard<Q> {
         self.device(device).map_or(0, |d| d.queue.len())
     }
 
+    /// Entries in the expiry heap (live and stale), for the bound checks of the tests.
+    pub fn expiry_entries(&self) -> usize {
+        self.expiry.len()
+    }
+
     pub fn poll_output(&mut self) -> Option<ShardOutput> {
         self.out.pop_front()
     }
@@ -240,6 +245,22 @@ impl<Q: DeviceQueue> Shard<Q> {
                 self.rebind_network(network);
             }
         }
+    }
+
+    /// The expiry heap keeps an entry per queued frame and learns of releases lazily; when
+    /// stale entries outnumber live ones it drops them, so its size stays within twice the
+    /// frames actually queued (plus a constant), however long the TTLs.
+    fn compact_expiry(&mut self) {
+        if self.expiry.len() as u64 <= 2 * self.stats.queued_frames + EXPIRY_SLACK {
+            return;
+        }
+        let users = &self.users;
+        self.expiry.retain(|Reverse((_, user, device, seq))| {
+            users
+                .get(user)
+                .and_then(|s| s.devices.iter().find(|d| d.id == *device))
+                .is_some_and(|d| d.queue.contains_seq(*seq))
+        });
     }
 
     /// Removes every queued frame whose TTL ran out by `now_ms`.
@@ -365,6 +386,7 @@ impl<Q: DeviceQueue> Shard<Q> {
         }
         self.dedup.insert(now_ms, routed.sender, routed.id);
         self.stats.accepted += 1;
+        self.compact_expiry();
         self.out.push_back(ShardOutput::Ack {
             conn: routed.reply_to,
             id: routed.id,
@@ -536,6 +558,9 @@ impl<Q: DeviceQueue> Shard<Q> {
             .find(|d| d.id == device.device)
     }
 }
+
+/// Stale expiry entries tolerated before compaction, beyond twice the queued frames.
+const EXPIRY_SLACK: u64 = 4096;
 
 fn new_device<Q: DeviceQueue>(id: DeviceId) -> DeviceState<Q> {
     DeviceState {

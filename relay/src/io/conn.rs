@@ -8,7 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -29,6 +29,9 @@ use crate::core::{ConnId, Principal};
 /// Bytes read from the socket per read: one TLS record's worth, so an idle connection holds
 /// little.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Chunks handed to rustls in one vectored write.
+const WRITE_SLICES_MAX: usize = 64;
 
 /// Frames waiting to be encrypted and written, in order.
 #[derive(Debug, Default)]
@@ -365,10 +368,26 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>) {
             let mut tls = conn.tls.borrow_mut();
             let mut out = conn.out.borrow_mut();
             out.seal_scratch();
-            while let Some(chunk) = out.chunks.pop_front() {
-                if tls.writer().write_all(&chunk).is_err() {
-                    conn.closing.set(true);
-                    break;
+            // Hand rustls up to WRITE_SLICES_MAX chunks at a time: it encrypts straight from
+            // them into full-size records, so a turn costs a few records, not one per frame.
+            while !out.chunks.is_empty() {
+                let mut slices = [IoSlice::new(&[]); WRITE_SLICES_MAX];
+                let mut count = 0;
+                let mut total = 0;
+                for (slot, chunk) in slices.iter_mut().zip(out.chunks.iter()) {
+                    *slot = IoSlice::new(chunk);
+                    total += chunk.len();
+                    count += 1;
+                }
+                match tls.writer().write_vectored(&slices[..count]) {
+                    Ok(written) if written == total => {
+                        out.chunks.drain(..count);
+                    }
+                    _ => {
+                        // Only a failed connection refuses plaintext (the buffer is unbounded).
+                        conn.closing.set(true);
+                        out.chunks.clear();
+                    }
                 }
             }
             out.bytes = 0;
