@@ -8,7 +8,8 @@
 //!   sending envelopes with 256-byte payloads, every delivery acknowledged by its device and
 //!   every envelope acknowledged by the relay.
 //!
-//! Run: `cargo bench --bench throughput` (about 30 s). Prints frames/s and envelopes/s and
+//! Run: `cargo bench --bench throughput` (about 20 s; `A7_BENCH_ONLY=relay` or `=forwarder`
+//! runs one half). Prints frames/s and envelopes/s and
 //! their ratio. The load clients run in the same process and share the machine's cores with
 //! the relay; the figure is the whole system's, not the relay's alone.
 #![allow(clippy::cast_possible_truncation, clippy::print_stdout)]
