@@ -17,7 +17,7 @@ use relay::core::ConnId;
 use relay::core::auth::{Auth, NetworkEntry};
 use relay::core::queue::MemoryQueue;
 use relay::core::session::{Session, SessionContext, SessionEvent, write_ack};
-use relay::core::shard::{Shard, ShardInput, ShardOutput};
+use relay::core::shard::{Shard, ShardOutput};
 use relay::limits::RelayLimits;
 
 struct Counting;

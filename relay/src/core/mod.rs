@@ -4,9 +4,12 @@
 
 pub mod auth;
 pub mod dedup;
+pub mod log;
 pub mod queue;
+pub mod recovery;
 pub mod session;
 pub mod shard;
+pub mod wal;
 
 use codec::{DeviceAddress, DeviceId, NetworkId, UserAddress};
 

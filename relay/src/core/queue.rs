@@ -15,6 +15,8 @@ pub struct Queued {
     pub id: MessageId,
     pub sender: DeviceAddress,
     pub expires_at_ms: u64,
+    /// The log segment holding its enqueue record (0 without a log).
+    pub segment: u64,
     /// The whole frame; a reference-counted slice of the buffer it was read into.
     pub frame: Bytes,
 }
@@ -33,8 +35,14 @@ pub trait DeviceQueue: Default {
     fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)>;
     /// Removes the frame with `seq`, returning its index and the frame.
     fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)>;
-    /// Drops everything (the device was removed); returns how many frames were dropped.
-    fn clear(&mut self) -> usize;
+    /// Drops everything (the device was removed), showing each frame to `on_drop` first;
+    /// returns how many frames were dropped.
+    fn clear(&mut self, on_drop: &mut dyn FnMut(&Queued)) -> usize;
+    /// Visits every frame in queue order (to move its log record).
+    fn for_each_mut(&mut self, visit: &mut dyn FnMut(&mut Queued));
+    /// Inserts a frame at its place by `seq` (recovery replays rewritten records out of
+    /// order); a `seq` already present is ignored. Returns whether it was inserted.
+    fn insert_sorted(&mut self, item: Queued) -> bool;
     /// Whether the frame with `seq` is still queued.
     fn contains_seq(&self, seq: u64) -> bool;
 }
@@ -88,10 +96,30 @@ impl DeviceQueue for MemoryQueue {
         self.items.binary_search_by_key(&seq, |q| q.seq).is_ok()
     }
 
-    fn clear(&mut self) -> usize {
+    fn clear(&mut self, on_drop: &mut dyn FnMut(&Queued)) -> usize {
         let dropped = self.items.len();
+        for item in &self.items {
+            on_drop(item);
+        }
         self.items.clear();
         self.bytes = 0;
         dropped
+    }
+
+    fn for_each_mut(&mut self, visit: &mut dyn FnMut(&mut Queued)) {
+        for item in &mut self.items {
+            visit(item);
+        }
+    }
+
+    fn insert_sorted(&mut self, item: Queued) -> bool {
+        match self.items.binary_search_by_key(&item.seq, |q| q.seq) {
+            Ok(_) => false,
+            Err(index) => {
+                self.bytes += item.frame.len() as u64;
+                self.items.insert(index, item);
+                true
+            }
+        }
     }
 }

@@ -16,7 +16,9 @@ use bytes::Bytes;
 use codec::{DeviceAddress, DeviceId, ErrorCode, MessageId, NetworkId, UserAddress};
 
 use super::dedup::Dedup;
+use super::log::{LogWrite, ShardLog};
 use super::queue::{DeviceQueue, Queued};
+use super::wal::{Record, Target};
 use super::{ConnId, DeviceSet};
 use crate::limits::RelayLimits;
 
@@ -146,6 +148,15 @@ struct DeviceState<Q> {
 #[derive(Debug)]
 struct UserState<Q> {
     devices: Vec<DeviceState<Q>>,
+    /// The log segment with this user's latest device-set record.
+    device_set_segment: Option<u64>,
+}
+
+fn new_user<Q>() -> UserState<Q> {
+    UserState {
+        devices: Vec::new(),
+        device_set_segment: None,
+    }
 }
 
 #[derive(Debug)]
@@ -157,6 +168,10 @@ pub struct Shard<Q> {
     expiry: BinaryHeap<Reverse<(u64, UserAddress, DeviceId, u64)>>,
     out: VecDeque<ShardOutput>,
     stats: ShardStats,
+    /// The durable log; `None` at the `memory` durability level.
+    log: Option<ShardLog>,
+    /// Acks held until the log has stored their records: (log position, ack).
+    awaiting: VecDeque<(u64, ShardOutput)>,
 }
 
 impl<Q: DeviceQueue> Shard<Q> {
@@ -170,6 +185,320 @@ impl<Q: DeviceQueue> Shard<Q> {
             expiry: BinaryHeap::new(),
             out: VecDeque::new(),
             stats: ShardStats::default(),
+            log: None,
+            awaiting: VecDeque::new(),
+        }
+    }
+
+    /// A shard that records everything in `log` and acknowledges only what it stored.
+    pub fn with_log(limits: RelayLimits, log: ShardLog) -> Shard<Q> {
+        Shard {
+            log: Some(log),
+            ..Shard::new(limits)
+        }
+    }
+
+    pub fn log(&self) -> Option<&ShardLog> {
+        self.log.as_ref()
+    }
+
+    /// Records appended since the last call, for the IO shell to write (and sync).
+    pub fn take_log_write(&mut self) -> Option<LogWrite> {
+        self.log.as_mut()?.take_write()
+    }
+
+    /// Everything up to `lsn` is stored: the acks waiting for it go out.
+    pub fn on_log_committed(&mut self, lsn: u64) {
+        let Some(log) = self.log.as_mut() else { return };
+        log.on_committed(lsn);
+        while self.awaiting.front().is_some_and(|(at, _)| *at <= lsn) {
+            if let Some((_, ack)) = self.awaiting.pop_front() {
+                self.out.push_back(ack);
+            }
+        }
+    }
+
+    /// A log write or sync failed: nothing waiting is acknowledged, and nothing more will be
+    /// (`STORAGE_UNAVAILABLE`, retryable) until the relay restarts on a working disk.
+    pub fn on_log_failed(&mut self) {
+        let Some(log) = self.log.as_mut() else { return };
+        log.on_failed();
+        for (_, output) in self.awaiting.drain(..) {
+            if let ShardOutput::Ack {
+                conn, id, address, ..
+            } = output
+            {
+                let refusal = Refusal {
+                    retry_after_ms: 1000,
+                    ..Refusal::new(ErrorCode::StorageUnavailable)
+                };
+                self.stats.refused += 1;
+                self.out.push_back(ShardOutput::Ack {
+                    conn,
+                    id,
+                    address,
+                    result: Err(refusal),
+                });
+            }
+        }
+    }
+
+    /// Segments the IO shell may delete (everything in them is released or rewritten).
+    pub fn take_log_deletions(&mut self) -> Vec<u64> {
+        self.log
+            .as_mut()
+            .map(ShardLog::take_deletable)
+            .unwrap_or_default()
+    }
+
+    /// Recovery found segment `id` holding `bytes`.
+    pub(crate) fn adopt_segment(&mut self, id: u64, bytes: u64) {
+        if let Some(log) = self.log.as_mut() {
+            log.adopt(id, bytes);
+        }
+    }
+
+    /// Applies one record read back from segment `segment` (whose bytes are `bytes`: queued
+    /// frames are slices of them, not copies).
+    pub(crate) fn replay(
+        &mut self,
+        segment: u64,
+        bytes: &Bytes,
+        record: Record<'_>,
+        now_ms: u64,
+        report: &mut super::recovery::RecoveryReport,
+    ) {
+        let Some(log) = self.log.as_mut() else { return };
+        match record {
+            Record::DeviceSet { user, devices } => {
+                let state = self.users.entry(user).or_insert_with(new_user);
+                let mut dropped: Vec<(u64, u64)> = Vec::new();
+                state.devices.retain_mut(|dev| {
+                    let keep = devices.contains(dev.id);
+                    if !keep {
+                        dev.queue.clear(&mut |item| {
+                            dropped.push((item.segment, item.frame.len() as u64))
+                        });
+                    }
+                    keep
+                });
+                for &id in devices.as_slice() {
+                    if !state.devices.iter().any(|d| d.id == id) {
+                        state.devices.push(new_device(id));
+                    }
+                }
+                for (from, len) in dropped {
+                    log.remove_live(from, len);
+                    log.add_ref(segment, from);
+                    self.stats.queued_frames -= 1;
+                    self.stats.queued_bytes -= len;
+                    report.restored_frames -= 1;
+                }
+                if let Some(previous) = state.device_set_segment {
+                    log.add_ref(segment, previous);
+                }
+                let latest = if devices.is_empty() {
+                    None
+                } else {
+                    Some(segment)
+                };
+                log.move_device_set(state.device_set_segment, latest);
+                state.device_set_segment = latest;
+                if devices.is_empty() {
+                    self.users.remove(&user);
+                }
+            }
+            Record::Enqueue {
+                arrival_ms,
+                expires_at_ms,
+                sender,
+                id,
+                recipient,
+                targets,
+                frame,
+            } => {
+                if arrival_ms + u64::from(self.limits.dedup_window_seconds) * 1000 > now_ms {
+                    self.dedup.insert(arrival_ms, sender, id);
+                }
+                // The device-set record that created these devices may have been compacted
+                // away (a later one supersedes it): the enqueue record is proof enough that
+                // they existed. Later device-set records prune what was removed since.
+                let state = self.users.entry(recipient).or_insert_with(new_user);
+                for target in &targets {
+                    if !state.devices.iter().any(|d| d.id == target.device) {
+                        state.devices.push(new_device(target.device));
+                    }
+                    if let Some(dev) = state.devices.iter_mut().find(|d| d.id == target.device) {
+                        dev.next_seq = dev.next_seq.max(target.seq + 1);
+                    }
+                }
+                if expires_at_ms <= now_ms {
+                    report.expired += targets.len() as u64;
+                    return;
+                }
+                let frame = bytes.slice_ref(frame);
+                for target in targets {
+                    let Some(dev) = state.devices.iter_mut().find(|d| d.id == target.device) else {
+                        continue;
+                    };
+                    let item = Queued {
+                        seq: target.seq,
+                        id,
+                        sender,
+                        expires_at_ms,
+                        segment,
+                        frame: frame.clone(),
+                    };
+                    let len = frame.len() as u64;
+                    if dev.queue.insert_sorted(item) {
+                        log.add_live(segment, len);
+                        self.expiry
+                            .push(Reverse((expires_at_ms, recipient, dev.id, target.seq)));
+                        self.stats.queued_frames += 1;
+                        self.stats.queued_bytes += len;
+                        report.restored_frames += 1;
+                    } else {
+                        // A rewritten copy: the newest segment holds it now.
+                        dev.queue.for_each_mut(&mut |q| {
+                            if q.seq == target.seq && q.segment != segment {
+                                log.remove_live(q.segment, len);
+                                log.add_live(segment, len);
+                                q.segment = segment;
+                            }
+                        });
+                    }
+                }
+            }
+            Record::Release { device, seq, .. } => {
+                let user = device.user_address();
+                let Some(dev) = self
+                    .users
+                    .get_mut(&user)
+                    .and_then(|s| s.devices.iter_mut().find(|d| d.id == device.device))
+                else {
+                    return;
+                };
+                if let Some((_, item)) = dev.queue.remove_seq(seq) {
+                    let len = item.frame.len() as u64;
+                    log.remove_live(item.segment, len);
+                    log.add_ref(segment, item.segment);
+                    self.stats.queued_frames -= 1;
+                    self.stats.queued_bytes -= len;
+                    report.restored_frames -= 1;
+                }
+            }
+        }
+    }
+
+    /// After the last record: forget dedup entries past their window, drop dead segments.
+    pub(crate) fn finish_recovery(&mut self, now_ms: u64) {
+        self.dedup.forget_expired(now_ms);
+        if let Some(log) = self.log.as_mut() {
+            log.collect_dead();
+        }
+    }
+
+    fn log_failed(&self) -> bool {
+        self.log.as_ref().is_some_and(ShardLog::is_failed)
+    }
+
+    /// Sends an ack now, or once the log has stored everything appended so far.
+    fn ack_when_stored(&mut self, ack: ShardOutput) {
+        match &self.log {
+            Some(log) if log.committed() < log.appended() => {
+                self.awaiting.push_back((log.appended(), ack))
+            }
+            _ => self.out.push_back(ack),
+        }
+    }
+
+    /// Appends a release (ack or expiry) of `item` from `device`.
+    fn log_release(&mut self, device: DeviceAddress, item: &Queued, expired: bool) {
+        let Some(log) = self.log.as_mut() else { return };
+        let segment = log.append(&Record::Release {
+            device,
+            seq: item.seq,
+            expired,
+        });
+        log.remove_live(item.segment, item.frame.len() as u64);
+        log.add_ref(segment, item.segment);
+    }
+
+    /// Appends `user`'s current device set.
+    fn log_device_set(&mut self, user: UserAddress) {
+        let Some(log) = self.log.as_mut() else { return };
+        let mut devices = DeviceSet::new();
+        let previous = self.users.get(&user).and_then(|s| {
+            for d in &s.devices {
+                devices.insert(d.id);
+            }
+            s.device_set_segment
+        });
+        let segment = log.append(&Record::DeviceSet { user, devices });
+        if let Some(previous) = previous {
+            log.add_ref(segment, previous);
+        }
+        let now_latest = if devices.is_empty() {
+            None
+        } else {
+            Some(segment)
+        };
+        log.move_device_set(previous, now_latest);
+        if let Some(state) = self.users.get_mut(&user) {
+            state.device_set_segment = now_latest;
+        }
+    }
+
+    /// Rewrites the oldest mostly-dead segment: its live records go to the head of the log,
+    /// and the segment is deleted once they are stored.
+    pub fn compact_log(&mut self, now_ms: u64) {
+        if let Some(segment) = self.log.as_ref().and_then(ShardLog::rewrite_candidate) {
+            self.rewrite_segment(segment, now_ms);
+        }
+    }
+
+    /// Re-appends every live record of `segment` at the head of the log; the segment is
+    /// deleted once they are stored.
+    pub fn rewrite_segment(&mut self, segment: u64, now_ms: u64) {
+        let Some(log) = self.log.as_mut() else { return };
+        for (user, state) in &mut self.users {
+            for dev in &mut state.devices {
+                let device = user.device(dev.id);
+                dev.queue.for_each_mut(&mut |item| {
+                    if item.segment != segment {
+                        return;
+                    }
+                    let record = Record::Enqueue {
+                        arrival_ms: now_ms,
+                        expires_at_ms: item.expires_at_ms,
+                        sender: item.sender,
+                        id: item.id,
+                        recipient: *user,
+                        targets: vec![Target {
+                            device: device.device,
+                            seq: item.seq,
+                        }],
+                        frame: &item.frame,
+                    };
+                    let moved_to = log.append(&record);
+                    let bytes = item.frame.len() as u64;
+                    log.remove_live(segment, bytes);
+                    log.add_live(moved_to, bytes);
+                    item.segment = moved_to;
+                });
+            }
+        }
+        let users: Vec<UserAddress> = self
+            .users
+            .iter()
+            .filter(|(_, s)| s.device_set_segment == Some(segment))
+            .map(|(u, _)| *u)
+            .collect();
+        for user in users {
+            self.log_device_set(user);
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.retire(segment);
         }
     }
 
@@ -186,6 +515,19 @@ impl<Q: DeviceQueue> Shard<Q> {
             }
         }
         set
+    }
+
+    /// (seq, id, frame) of every frame queued for a device, in order (for tests and tools).
+    pub fn queued(&self, device: &DeviceAddress) -> Vec<(u64, MessageId, Bytes)> {
+        let mut out = Vec::new();
+        if let Some(dev) = self.device(device) {
+            let mut index = 0;
+            while let Some(item) = dev.queue.get(index) {
+                out.push((item.seq, item.id, item.frame.clone()));
+                index += 1;
+            }
+        }
+        out
     }
 
     /// Frames queued for a device (delivered or not, until acknowledged).
@@ -222,12 +564,17 @@ impl<Q: DeviceQueue> Shard<Q> {
             } => {
                 let result = self.set_devices(user, &devices);
                 let address = user.device(DeviceId(0));
-                self.out.push_back(ShardOutput::Ack {
+                let ack = ShardOutput::Ack {
                     conn: reply_to,
                     id: request_id,
                     address,
                     result,
-                });
+                };
+                if result.is_ok() {
+                    self.ack_when_stored(ack);
+                } else {
+                    self.out.push_back(ack);
+                }
             }
             ShardInput::AttachDevice { device, conn } => self.attach_device(device, conn),
             ShardInput::DetachDevice { device, conn } => self.detach_device(device, conn),
@@ -286,7 +633,12 @@ impl<Q: DeviceQueue> Shard<Q> {
                 self.stats.queued_bytes -= item.frame.len() as u64;
                 let address = user.device(device);
                 pump(dev, address, &self.limits, &mut self.out, &mut self.stats);
+                self.log_release(address, &item, true);
             }
+        }
+        self.compact_log(now_ms);
+        if let Some(log) = self.log.as_mut() {
+            log.collect_dead();
         }
     }
 
@@ -301,6 +653,13 @@ impl<Q: DeviceQueue> Shard<Q> {
     }
 
     fn enqueue(&mut self, now_ms: u64, routed: Routed) {
+        if self.log_failed() {
+            let refusal = Refusal {
+                retry_after_ms: 1000,
+                ..Refusal::new(ErrorCode::StorageUnavailable)
+            };
+            return self.refuse(&routed, refusal);
+        }
         let Some(state) = self
             .users
             .get_mut(&routed.recipient)
@@ -316,7 +675,8 @@ impl<Q: DeviceQueue> Shard<Q> {
                 address: routed.sender,
                 result: Ok(()),
             };
-            self.out.push_back(ack);
+            // The first copy may not be stored yet: this ack waits for it too.
+            self.ack_when_stored(ack);
             return;
         }
         let mut current = DeviceSet::new();
@@ -365,6 +725,33 @@ impl<Q: DeviceQueue> Shard<Q> {
             }
             let ttl_seconds = routed.ttl_seconds.clamp(1, self.limits.ttl_seconds_max);
             let expires_at_ms = now_ms + u64::from(ttl_seconds) * 1000;
+            let segment = match self.log.as_mut() {
+                Some(log) => {
+                    let targets = state
+                        .devices
+                        .iter()
+                        .map(|d| Target {
+                            device: d.id,
+                            seq: d.next_seq,
+                        })
+                        .collect();
+                    let record = Record::Enqueue {
+                        arrival_ms: now_ms,
+                        expires_at_ms,
+                        sender: routed.sender,
+                        id: routed.id,
+                        recipient: routed.recipient,
+                        targets,
+                        frame: &routed.frame,
+                    };
+                    let segment = log.append(&record);
+                    for _ in 0..fan_out {
+                        log.add_live(segment, frame_bytes);
+                    }
+                    segment
+                }
+                None => 0,
+            };
             for dev in &mut state.devices {
                 let seq = dev.next_seq;
                 dev.next_seq += 1;
@@ -373,6 +760,7 @@ impl<Q: DeviceQueue> Shard<Q> {
                     id: routed.id,
                     sender: routed.sender,
                     expires_at_ms,
+                    segment,
                     frame: routed.frame.clone(),
                 };
                 dev.queue.push(item);
@@ -387,7 +775,7 @@ impl<Q: DeviceQueue> Shard<Q> {
         self.dedup.insert(now_ms, routed.sender, routed.id);
         self.stats.accepted += 1;
         self.compact_expiry();
-        self.out.push_back(ShardOutput::Ack {
+        self.ack_when_stored(ShardOutput::Ack {
             conn: routed.reply_to,
             id: routed.id,
             address: routed.sender,
@@ -436,6 +824,7 @@ impl<Q: DeviceQueue> Shard<Q> {
         {
             pump(dev, device, &self.limits, &mut self.out, &mut self.stats);
         }
+        self.log_release(device, &item, false);
     }
 
     fn set_devices(&mut self, user: UserAddress, devices: &[DeviceId]) -> Result<(), Refusal> {
@@ -446,16 +835,23 @@ impl<Q: DeviceQueue> Shard<Q> {
         if wanted.len() > usize::from(self.limits.devices_per_user_max) {
             return Err(Refusal::new(ErrorCode::DeviceLimit));
         }
-        let state = self.users.entry(user).or_insert_with(|| UserState {
-            devices: Vec::new(),
-        });
+        if self.log_failed() {
+            return Err(Refusal {
+                retry_after_ms: 1000,
+                ..Refusal::new(ErrorCode::StorageUnavailable)
+            });
+        }
+        let state = self.users.entry(user).or_insert_with(new_user);
         let mut removed_frames = 0usize;
         let mut removed_bytes = 0u64;
+        let mut removed_from: Vec<(u64, u64)> = Vec::new();
         state.devices.retain_mut(|dev| {
             let keep = wanted.contains(dev.id);
             if !keep {
                 removed_bytes += dev.queue.bytes();
-                removed_frames += dev.queue.clear();
+                removed_frames += dev
+                    .queue
+                    .clear(&mut |item| removed_from.push((item.segment, item.frame.len() as u64)));
             }
             keep
         });
@@ -467,7 +863,17 @@ impl<Q: DeviceQueue> Shard<Q> {
         self.stats.deleted += removed_frames as u64;
         self.stats.queued_frames -= removed_frames as u64;
         self.stats.queued_bytes -= removed_bytes;
-        if state.devices.is_empty() {
+        // The device-set record is what deletes the removed devices' frames on replay, so it
+        // refers to every segment they were recorded in.
+        self.log_device_set(user);
+        if let Some(log) = self.log.as_mut() {
+            let head = log.current();
+            for (segment, bytes) in removed_from {
+                log.remove_live(segment, bytes);
+                log.add_ref(head, segment);
+            }
+        }
+        if self.users.get(&user).is_some_and(|s| s.devices.is_empty()) {
             self.users.remove(&user);
             return Ok(());
         }
@@ -478,9 +884,8 @@ impl<Q: DeviceQueue> Shard<Q> {
     fn attach_device(&mut self, device: DeviceAddress, conn: ConnId) {
         let user = device.user_address();
         let limit = usize::from(self.limits.devices_per_user_max);
-        let state = self.users.entry(user).or_insert_with(|| UserState {
-            devices: Vec::new(),
-        });
+        let state = self.users.entry(user).or_insert_with(new_user);
+        let mut added = false;
         if !state.devices.iter().any(|d| d.id == device.device) {
             if state.devices.len() >= limit {
                 if state.devices.is_empty() {
@@ -493,9 +898,13 @@ impl<Q: DeviceQueue> Shard<Q> {
                 return;
             }
             state.devices.push(new_device(device.device));
+            added = true;
         }
         if let Some(dev) = state.devices.iter_mut().find(|d| d.id == device.device) {
             dev.direct = Some(conn);
+        }
+        if added {
+            self.log_device_set(user);
         }
         self.rebind_user(user);
     }

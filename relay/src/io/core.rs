@@ -199,7 +199,8 @@ impl Core {
     }
 
     /// Sends the batches built up for other cores. Returns `false` if an inbox was full; the
-    /// batch stays and goes with the next call.
+    /// batch stays and goes with the next call. A core whose inbox is gone has stopped (the
+    /// relay is stopping): nothing there can take the batch, so it is dropped, not retried.
     pub fn try_flush(&self) -> bool {
         let mut all_sent = true;
         let mut outgoing = self.outgoing.borrow_mut();
@@ -210,10 +211,11 @@ impl Core {
             let taken = std::mem::take(batch);
             match self.shared.senders[core].try_send(taken) {
                 Ok(()) => self.shared.notifies[core].notify_one(),
-                Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                Err(TrySendError::Full(back)) => {
                     *batch = back;
                     all_sent = false;
                 }
+                Err(TrySendError::Disconnected(_)) => {}
             }
         }
         all_sent

@@ -1,0 +1,284 @@
+//! The per-shard log's bookkeeping, sans-IO: records the shard appends wait here until the
+//! IO shell takes them to write (and, at the `fsync` level, fdatasync); the shard holds its
+//! `Ack`s until [`ShardLog::on_committed`] says their records are stored (group commit: one
+//! sync covers everything appended before it). It also tracks what is still live in each
+//! segment, so dead segments are deleted and mostly-dead ones rewritten: disk use follows
+//! what is queued, not what passed through.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+use super::wal::{self, Record};
+
+/// How far a frame is stored before the relay acknowledges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// No log: queues live in memory only (tests, benchmarks).
+    Memory,
+    /// Written to the log before the `Ack`; the OS flushes it to disk when it will.
+    Os,
+    /// On disk (fdatasync) before the `Ack`.
+    #[default]
+    Fsync,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Memory => "memory",
+            Durability::Os => "os",
+            Durability::Fsync => "fsync",
+        }
+    }
+}
+
+/// What one segment still holds that recovery would need.
+#[derive(Debug, Default, Clone)]
+pub struct SegmentStats {
+    pub bytes: u64,
+    /// Queued frames (per device) whose enqueue record is in this segment.
+    pub live_frames: u64,
+    pub live_bytes: u64,
+    /// Users whose latest device set is recorded in this segment.
+    pub device_sets: u64,
+    /// Older segments this one's releases and device-set changes refer to: while any of them
+    /// exists, deleting this one would bring what it removed back on replay.
+    pub refs: BTreeSet<u64>,
+}
+
+impl SegmentStats {
+    fn is_dead(&self) -> bool {
+        self.live_frames == 0 && self.device_sets == 0
+    }
+}
+
+/// Records for the IO shell to write: per segment, in order; then sync; then
+/// [`ShardLog::on_committed`] with `lsn`.
+#[derive(Debug)]
+pub struct LogWrite {
+    pub chunks: Vec<(u64, Bytes)>,
+    pub lsn: u64,
+}
+
+#[derive(Debug)]
+pub struct ShardLog {
+    pending: Vec<(u64, BytesMut)>,
+    /// Bytes appended since start (the log sequence number of the end of the log).
+    appended: u64,
+    committed: u64,
+    current: u64,
+    segment_bytes_max: u64,
+    segments: BTreeMap<u64, SegmentStats>,
+    /// Segments to delete once `committed` reaches the LSN (their live records were rewritten).
+    retiring: Vec<(u64, u64)>,
+    /// Segments the IO shell may delete now.
+    deletable: Vec<u64>,
+    failed: bool,
+}
+
+impl ShardLog {
+    /// A log that appends to segment `first` (recovery sets it past every existing segment).
+    pub fn new(first: u64, segment_bytes_max: u64) -> ShardLog {
+        let mut segments = BTreeMap::new();
+        segments.insert(first, SegmentStats::default());
+        ShardLog {
+            pending: Vec::new(),
+            appended: 0,
+            committed: 0,
+            current: first,
+            segment_bytes_max: segment_bytes_max.max(1),
+            segments,
+            retiring: Vec::new(),
+            deletable: Vec::new(),
+            failed: false,
+        }
+    }
+
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    pub fn segments(&self) -> &BTreeMap<u64, SegmentStats> {
+        &self.segments
+    }
+
+    /// Registers a segment found by recovery.
+    pub fn adopt(&mut self, id: u64, bytes: u64) {
+        self.segments.entry(id).or_default().bytes = bytes;
+    }
+
+    /// Appends a record; returns the segment it went to.
+    pub fn append(&mut self, record: &Record<'_>) -> u64 {
+        let current_bytes = self.segments.get(&self.current).map_or(0, |s| s.bytes);
+        if current_bytes >= self.segment_bytes_max {
+            self.current += 1;
+            self.segments.insert(self.current, SegmentStats::default());
+        }
+        let segment = self.current;
+        if self.pending.last().is_none_or(|(s, _)| *s != segment) {
+            self.pending
+                .push((segment, BytesMut::with_capacity(64 * 1024)));
+        }
+        let Some((_, buf)) = self.pending.last_mut() else {
+            return segment;
+        };
+        let before = buf.len();
+        wal::encode(buf, record);
+        let written = (buf.len() - before) as u64;
+        self.appended += written;
+        if let Some(stats) = self.segments.get_mut(&segment) {
+            stats.bytes += written;
+        }
+        segment
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Everything appended since the last call, for one write (and one sync) per segment.
+    pub fn take_write(&mut self) -> Option<LogWrite> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let chunks = self
+            .pending
+            .drain(..)
+            .map(|(segment, buf)| (segment, buf.freeze()))
+            .collect();
+        Some(LogWrite {
+            chunks,
+            lsn: self.appended,
+        })
+    }
+
+    /// The IO shell stored everything up to `lsn`.
+    pub fn on_committed(&mut self, lsn: u64) {
+        debug_assert!(lsn <= self.appended);
+        self.committed = self.committed.max(lsn);
+        let committed = self.committed;
+        let mut ready = Vec::new();
+        self.retiring.retain(|&(at, segment)| {
+            let done = at <= committed;
+            if done {
+                ready.push(segment);
+            }
+            !done
+        });
+        for segment in ready {
+            if let Some(stats) = self.segments.get_mut(&segment) {
+                stats.live_frames = 0;
+                stats.live_bytes = 0;
+                stats.device_sets = 0;
+            }
+        }
+        self.collect_dead();
+    }
+
+    /// A write or sync failed: the shard acknowledges nothing more.
+    pub fn on_failed(&mut self) {
+        self.failed = true;
+    }
+
+    pub fn add_live(&mut self, segment: u64, bytes: u64) {
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.live_frames += 1;
+            s.live_bytes += bytes;
+        }
+    }
+
+    pub fn remove_live(&mut self, segment: u64, bytes: u64) {
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.live_frames = s.live_frames.saturating_sub(1);
+            s.live_bytes = s.live_bytes.saturating_sub(bytes);
+        }
+    }
+
+    pub fn move_device_set(&mut self, from: Option<u64>, to: Option<u64>) {
+        if let Some(s) = from.and_then(|f| self.segments.get_mut(&f)) {
+            s.device_sets = s.device_sets.saturating_sub(1);
+        }
+        if let Some(s) = to.and_then(|t| self.segments.get_mut(&t)) {
+            s.device_sets += 1;
+        }
+    }
+
+    /// Records that `segment` holds a release or removal of something recorded in `older`.
+    pub fn add_ref(&mut self, segment: u64, older: u64) {
+        if older != segment
+            && let Some(s) = self.segments.get_mut(&segment)
+        {
+            s.refs.insert(older);
+        }
+    }
+
+    /// The oldest sealed segment worth rewriting: live, but mostly dead (under a quarter of
+    /// its bytes still queued). The shard re-appends its live records, then calls
+    /// [`ShardLog::retire`].
+    pub fn rewrite_candidate(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .filter(|(id, s)| **id < self.current && !s.is_dead() && !self.is_retiring(**id))
+            .find(|(_, s)| s.live_bytes * 4 < s.bytes)
+            .map(|(id, _)| *id)
+    }
+
+    fn is_retiring(&self, segment: u64) -> bool {
+        self.retiring.iter().any(|(_, s)| *s == segment)
+    }
+
+    /// `segment`'s live records were re-appended: it dies once they are committed.
+    pub fn retire(&mut self, segment: u64) {
+        self.retiring.push((self.appended, segment));
+    }
+
+    /// Moves every deletable segment to the list for the IO shell.
+    pub fn collect_dead(&mut self) {
+        loop {
+            let existing: BTreeSet<u64> = self.segments.keys().copied().collect();
+            let dead: Vec<u64> = self
+                .segments
+                .iter()
+                .filter(|(id, s)| {
+                    **id < self.current
+                        && s.is_dead()
+                        && !self.is_retiring(**id)
+                        && s.refs.iter().all(|r| !existing.contains(r) || *r == **id)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if dead.is_empty() {
+                return;
+            }
+            for id in dead {
+                self.segments.remove(&id);
+                self.deletable.push(id);
+            }
+        }
+    }
+
+    /// Segments the IO shell should delete from disk now.
+    pub fn take_deletable(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.deletable)
+    }
+
+    /// Bytes on disk (and pending) in all segments.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+}
