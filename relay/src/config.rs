@@ -8,6 +8,7 @@ use codec::{NetworkId, Role};
 use serde::Deserialize;
 
 use crate::core::auth::NetworkEntry;
+use crate::core::log::Durability;
 use crate::limits::RelayLimits;
 use crate::pki::DevPki;
 
@@ -18,6 +19,7 @@ struct ConfigFile {
     listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
     cores: Option<u16>,
+    durability: Option<Durability>,
     tls: Option<TlsFile>,
     #[serde(default)]
     limits: RelayLimits,
@@ -70,6 +72,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Cores to run on; each owns a shard.
     pub cores: u16,
+    /// How far a frame is stored before it is acknowledged.
+    pub durability: Durability,
     pub limits: RelayLimits,
     /// `None`: the development PKI under `data_dir/pki`.
     pub tls: Option<TlsPaths>,
@@ -89,6 +93,7 @@ impl Config {
             listen: None,
             http_listen: None,
             cores: None,
+            durability: None,
             tls: None,
             limits: RelayLimits::default(),
             networks: Vec::new(),
@@ -153,6 +158,7 @@ impl Config {
                 .http_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7780))),
             cores,
+            durability: file.durability.unwrap_or_default(),
             limits: file.limits,
             tls,
             networks,
@@ -250,6 +256,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./relay-data"));
         assert!(c.cores >= 1);
         assert_eq!(c.limits.devices_per_user_max, 5);
+        assert_eq!(c.durability, Durability::Fsync);
     }
 
     #[test]
@@ -284,6 +291,11 @@ mod tests {
                 "tls and networks",
             ),
             ("cores = -1", "cores"),
+            ("durability = \"eventually\"", "durability"),
+            (
+                "[limits]\nlog_segment_bytes_max = 10",
+                "limits.log_segment_bytes_max",
+            ),
             ("this is not toml", "expected"),
         ] {
             let error = Config::parse(text).unwrap_err();
@@ -300,6 +312,7 @@ mod tests {
             data_dir = "/var/lib/relay"
             listen = "0.0.0.0:7700"
             cores = 2
+            durability = "os"
             [tls]
             server_cert = "relay.pem"
             server_key = "relay.key"
@@ -318,6 +331,7 @@ mod tests {
         "#;
         let c = Config::parse(text).unwrap();
         assert_eq!(c.cores, 2);
+        assert_eq!(c.durability, Durability::Os);
         assert_eq!(c.limits.devices_per_user_max, 4);
         let networks = c.networks.unwrap();
         assert_eq!(networks[0].server_roles, vec![Role::GatekeeperServer]);

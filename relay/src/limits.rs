@@ -36,6 +36,8 @@ pub struct RelayLimits {
     pub cross_core_batch_max: u32,
     /// Batches waiting in one core's inbox; a full inbox pushes back on the sending core.
     pub cross_core_inbox_batches_max: u32,
+    /// Size at which a shard's log segment is sealed and a new one started.
+    pub log_segment_bytes_max: u64,
 }
 
 impl Default for RelayLimits {
@@ -55,6 +57,7 @@ impl Default for RelayLimits {
             token_ids_max: 1_000_000,
             cross_core_batch_max: 1024,
             cross_core_inbox_batches_max: 1024,
+            log_segment_bytes_max: 64 << 20,
         }
     }
 }
@@ -62,7 +65,7 @@ impl Default for RelayLimits {
 impl RelayLimits {
     /// Checks each bound against the codec's and against each other; names the key at fault.
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(&str, bool, String); 9] = [
+        let checks: [(&str, bool, String); 10] = [
             (
                 "limits.devices_per_user_max",
                 (1..=codec::limits::RECIPIENT_DEVICES_MAX)
@@ -108,6 +111,14 @@ impl RelayLimits {
                 format!(
                     "must hold at least one whole frame ({} bytes)",
                     codec::limits::FRAME_BYTES_MAX
+                ),
+            ),
+            (
+                "limits.log_segment_bytes_max",
+                self.log_segment_bytes_max >= (codec::limits::FRAME_BYTES_MAX as u64) * 2,
+                format!(
+                    "must hold at least two whole frames ({} bytes)",
+                    codec::limits::FRAME_BYTES_MAX * 2
                 ),
             ),
             (

@@ -44,6 +44,9 @@ enum Command {
         /// Overrides `http_listen`.
         #[arg(long, value_name = "ADDR")]
         http_listen: Option<std::net::SocketAddr>,
+        /// Overrides `durability`: memory, os or fsync (the default).
+        #[arg(long, value_name = "LEVEL")]
+        durability: Option<String>,
     },
     /// List the protocol's error codes: number, name, whether retrying may help.
     Codes,
@@ -69,6 +72,7 @@ fn main() -> std::process::ExitCode {
             cores,
             listen,
             http_listen,
+            durability,
         } => {
             init_logging();
             let loaded = match &config {
@@ -98,6 +102,17 @@ fn main() -> std::process::ExitCode {
             if let Some(addr) = http_listen {
                 config.http_listen = addr;
             }
+            if let Some(level) = durability {
+                config.durability = match level.as_str() {
+                    "memory" => relay::core::log::Durability::Memory,
+                    "os" => relay::core::log::Durability::Os,
+                    "fsync" => relay::core::log::Durability::Fsync,
+                    other => {
+                        eprintln!("relay: --durability: {other:?} is not one of memory, os, fsync");
+                        return std::process::ExitCode::from(2);
+                    }
+                };
+            }
             match serve(&config) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
@@ -112,8 +127,11 @@ fn main() -> std::process::ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal; log files and CI get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -123,7 +141,7 @@ fn serve(config: &Config) -> Result<(), String> {
         .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?;
     let relay = Relay::start(config)?;
     let shared = relay.shared.clone();
-    let durability = "memory";
+    let durability = config.durability.name();
     let render =
         Arc::new(move || relay::metrics::render(&shared.metrics, &shared.connections, durability));
     let http = match HttpServer::start(config.http_listen, render) {

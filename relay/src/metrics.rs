@@ -23,6 +23,12 @@ pub struct CoreMetrics {
     pub slow_consumer_closes: AtomicU64,
     pub busy_ns: AtomicU64,
     pub turns: AtomicU64,
+    pub log_commits: AtomicU64,
+    pub log_bytes: AtomicU64,
+    pub log_commit_ns: AtomicU64,
+    pub log_disk_bytes: AtomicU64,
+    pub storage_failed: AtomicU64,
+    pub recovered_frames: AtomicU64,
     errors: [AtomicU64; 64],
     shard: [AtomicU64; 10],
 }
@@ -41,6 +47,12 @@ impl Default for CoreMetrics {
             slow_consumer_closes: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             turns: AtomicU64::new(0),
+            log_commits: AtomicU64::new(0),
+            log_bytes: AtomicU64::new(0),
+            log_commit_ns: AtomicU64::new(0),
+            log_disk_bytes: AtomicU64::new(0),
+            storage_failed: AtomicU64::new(0),
+            recovered_frames: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             shard: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -175,7 +187,7 @@ pub fn render(
             "relay_connections{{kind=\"{role}\",network=\"{network}\"}} {n}"
         );
     }
-    let per_core: [(&str, &str, fn(&CoreMetrics) -> &AtomicU64); 11] = [
+    let per_core: [(&str, &str, fn(&CoreMetrics) -> &AtomicU64); 17] = [
         ("relay_frames_in_total", "Frames received", |m| &m.frames_in),
         ("relay_envelopes_in_total", "Envelopes received", |m| {
             &m.envelopes_in
@@ -215,12 +227,45 @@ pub fn render(
             "Processing turns of each core",
             |m| &m.turns,
         ),
+        (
+            "relay_log_commits_total",
+            "Log writes, each followed by one fdatasync at the fsync level",
+            |m| &m.log_commits,
+        ),
+        ("relay_log_bytes_total", "Bytes written to the log", |m| {
+            &m.log_bytes
+        }),
+        (
+            "relay_log_commit_seconds_total",
+            "Time spent writing and syncing the log (ns as seconds)",
+            |m| &m.log_commit_ns,
+        ),
+        (
+            "relay_log_disk_bytes",
+            "Bytes in the log's segments now",
+            |m| &m.log_disk_bytes,
+        ),
+        (
+            "relay_storage_failed",
+            "1 when the shard's log failed and it acknowledges nothing",
+            |m| &m.storage_failed,
+        ),
+        (
+            "relay_recovered_frames",
+            "Queued frames rebuilt from the log at start",
+            |m| &m.recovered_frames,
+        ),
     ];
     for (name, help, field) in per_core {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
         for (core, m) in cores.iter().enumerate() {
             let value = field(m).load(Ordering::Relaxed);
-            if name == "relay_core_busy_seconds_total" {
+            if name == "relay_core_busy_seconds_total" || name == "relay_log_commit_seconds_total" {
                 let _ = writeln!(out, "{name}{{core=\"{core}\"}} {:.6}", value as f64 / 1e9);
             } else {
                 let _ = writeln!(out, "{name}{{core=\"{core}\"}} {value}");

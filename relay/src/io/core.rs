@@ -9,10 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, TrySendError};
+use tokio::sync::Notify;
 
 use super::conn::Conn;
+use super::store::ShardDir;
 use super::{Shared, now_ms};
 use crate::core::ConnId;
+use crate::core::log::{Durability, LogWrite, ShardLog};
 use crate::core::queue::MemoryQueue;
 use crate::core::session::SessionEvent;
 use crate::core::shard::{Shard, ShardInput, ShardOutput};
@@ -25,6 +28,13 @@ pub enum CoreMsg {
 }
 
 pub type Batch = Vec<CoreMsg>;
+
+/// The segment file the committer appends to.
+struct OpenSegment {
+    id: u64,
+    file: tokio_uring::fs::File,
+    len: u64,
+}
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -69,20 +79,31 @@ pub struct Core {
     pub shared: Arc<Shared>,
     inbox: Receiver<Batch>,
     pub shard: RefCell<Shard<MemoryQueue>>,
+    /// The shard's log directory; `None` at the memory durability level.
+    log_dir: Option<ShardDir>,
+    /// Wakes the committer when the shard appended to its log.
+    commit_wake: Notify,
     pub conns: RefCell<Slab>,
     outgoing: RefCell<Vec<Batch>>,
     next_session: Cell<u64>,
 }
 
 impl Core {
-    pub fn new(index: u16, shared: Arc<Shared>, inbox: Receiver<Batch>) -> Core {
+    pub fn new(
+        index: u16,
+        shared: Arc<Shared>,
+        inbox: Receiver<Batch>,
+        shard: Shard<MemoryQueue>,
+        log_dir: Option<ShardDir>,
+    ) -> Core {
         let cores = usize::from(shared.cores);
-        let limits = shared.limits;
         Core {
             index,
             shared,
             inbox,
-            shard: RefCell::new(Shard::new(limits)),
+            shard: RefCell::new(shard),
+            log_dir,
+            commit_wake: Notify::new(),
             conns: RefCell::new(Slab::default()),
             outgoing: RefCell::new((0..cores).map(|_| Vec::new()).collect()),
             next_session: Cell::new(1),
@@ -180,7 +201,109 @@ impl Core {
                 batch.push(CoreMsg::Conn(output));
             }
         }
-        self.metrics().publish_shard(self.shard.borrow().stats());
+        let shard = self.shard.borrow();
+        self.metrics().publish_shard(shard.stats());
+        if shard.log().is_some_and(ShardLog::has_pending) {
+            self.commit_wake.notify_one();
+        }
+    }
+
+    /// Writes what the shard appended to its log, syncs it (at the fsync level), and lets the
+    /// acks waiting for it go: group commit, one sync for everything appended meanwhile.
+    pub async fn run_committer(self: Rc<Self>) {
+        let Some(dir) = self.log_dir.clone() else {
+            return;
+        };
+        let mut open: Option<OpenSegment> = None;
+        loop {
+            self.commit_wake.notified().await;
+            loop {
+                let write = self.shard.borrow_mut().take_log_write();
+                let Some(write) = write else { break };
+                let started = Instant::now();
+                match self.write_log(&dir, &mut open, &write).await {
+                    Ok(bytes) => {
+                        self.shard.borrow_mut().on_log_committed(write.lsn);
+                        let m = self.metrics();
+                        m.log_commits.fetch_add(1, Ordering::Relaxed);
+                        m.log_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        m.log_commit_ns
+                            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            shard = self.index,
+                            "log write failed, this shard acknowledges nothing more (STORAGE_UNAVAILABLE): {e}"
+                        );
+                        self.metrics().storage_failed.store(1, Ordering::Relaxed);
+                        self.shard.borrow_mut().on_log_failed();
+                        open = None;
+                    }
+                }
+                let deletions = self.shard.borrow_mut().take_log_deletions();
+                for id in deletions {
+                    if open.as_ref().is_some_and(|o| o.id == id) {
+                        open = None;
+                    }
+                    if let Err(e) = tokio_uring::fs::remove_file(dir.segment(id)).await
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(shard = self.index, "deleting log segment {id}: {e}");
+                    }
+                }
+                if let Some(log) = self.shard.borrow().log() {
+                    self.metrics()
+                        .log_disk_bytes
+                        .store(log.disk_bytes(), Ordering::Relaxed);
+                }
+                self.drain_shard();
+                self.flush().await;
+            }
+        }
+    }
+
+    async fn write_log(
+        &self,
+        dir: &ShardDir,
+        open: &mut Option<OpenSegment>,
+        write: &LogWrite,
+    ) -> std::io::Result<u64> {
+        let fsync = self.shared.durability == Durability::Fsync;
+        let mut written = 0;
+        for (segment, bytes) in &write.chunks {
+            if open.as_ref().is_none_or(|o| o.id != *segment) {
+                // A sealed segment is synced once more before it is let go.
+                if let Some(previous) = open.take()
+                    && fsync
+                {
+                    previous.file.sync_data().await?;
+                }
+                let file = tokio_uring::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .open(dir.segment(*segment))
+                    .await?;
+                if fsync {
+                    dir.sync_dir()?;
+                }
+                *open = Some(OpenSegment {
+                    id: *segment,
+                    file,
+                    len: 0,
+                });
+            }
+            let Some(current) = open.as_mut() else {
+                continue;
+            };
+            let (result, _) = current.file.write_all_at(bytes.clone(), current.len).await;
+            result?;
+            current.len += bytes.len() as u64;
+            written += bytes.len() as u64;
+        }
+        if fsync && let Some(current) = open.as_ref() {
+            current.file.sync_data().await?;
+        }
+        Ok(written)
     }
 
     /// A shard's output for a connection of this core.

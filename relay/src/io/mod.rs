@@ -4,6 +4,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -21,6 +22,9 @@ use tokio::sync::Notify;
 use self::core::{Batch, Core};
 use crate::config::Config;
 use crate::core::auth::Auth;
+use crate::core::log::Durability;
+use crate::core::queue::MemoryQueue;
+use crate::core::shard::Shard;
 use crate::limits::RelayLimits;
 use crate::metrics::{Connections, CoreMetrics};
 
@@ -29,6 +33,8 @@ use crate::metrics::{Connections, CoreMetrics};
 pub struct Shared {
     pub cores: u16,
     pub limits: RelayLimits,
+    pub durability: Durability,
+    pub data_dir: std::path::PathBuf,
     pub auth: Auth,
     pub tls: Arc<ServerConfig>,
     pub senders: Vec<Sender<Batch>>,
@@ -71,9 +77,14 @@ impl Relay {
             senders.push(tx);
             inboxes.push(rx);
         }
+        if config.durability != Durability::Memory {
+            store::check_layout(&config.data_dir, cores)?;
+        }
         let shared = Arc::new(Shared {
             cores,
             limits: config.limits,
+            durability: config.durability,
+            data_dir: config.data_dir.clone(),
             auth,
             tls,
             senders,
@@ -129,6 +140,54 @@ impl Relay {
     }
 }
 
+/// The core's shard: empty at the memory level, else rebuilt from its log directory.
+fn open_shard(
+    index: u16,
+    shared: &Shared,
+) -> Result<(Shard<MemoryQueue>, Option<store::ShardDir>), String> {
+    if shared.durability == Durability::Memory {
+        return Ok((Shard::new(shared.limits), None));
+    }
+    let mut dir = store::ShardDir::new(&shared.data_dir, index);
+    let started = std::time::Instant::now();
+    let (shard, report) = Shard::recover(
+        shared.limits,
+        shared.limits.log_segment_bytes_max,
+        &mut dir,
+        now_ms(),
+    )
+    .map_err(|e| format!("recovering shard {index} from {}: {e}", dir.dir.display()))?;
+    let elapsed = started.elapsed();
+    let rate = report.records as f64 / elapsed.as_secs_f64().max(1e-9);
+    tracing::info!(
+        shard = index,
+        "recovered {} queued frames from {} records in {} segments ({} bytes) in {:.3} s ({rate:.0} records/s); {} expired while down",
+        report.restored_frames,
+        report.records,
+        report.segments,
+        report.bytes,
+        elapsed.as_secs_f64(),
+        report.expired
+    );
+    for (segment, offset) in &report.torn_tails {
+        tracing::warn!(
+            shard = index,
+            "segment {segment}: torn record at offset {offset} cut off (a write interrupted by a crash)"
+        );
+    }
+    for (segment, offset) in &report.quarantined {
+        tracing::error!(
+            shard = index,
+            "segment {segment}: damaged record at offset {offset}; segment moved to {}/quarantine, records after the damage are lost",
+            dir.dir.display()
+        );
+    }
+    shared.metrics[usize::from(index)]
+        .recovered_frames
+        .store(report.restored_frames, Ordering::Relaxed);
+    Ok((shard, Some(dir)))
+}
+
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -151,7 +210,15 @@ fn run_core(
 ) {
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         tokio_uring::start(async move {
-            let core = Rc::new(Core::new(index, shared.clone(), inbox));
+            let (shard, log_dir) = match open_shard(index, &shared) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            let core = Rc::new(Core::new(index, shared.clone(), inbox, shard, log_dir));
+            tokio_uring::spawn(core.clone().run_committer());
             let listener = tokio_uring::net::TcpListener::from_std(listener);
             tokio_uring::spawn(core.clone().run_inbox());
             tokio_uring::spawn(core.clone().run_timers());
