@@ -113,6 +113,12 @@ impl DeviceQueue for MemoryQueue {
     }
 
     fn insert_sorted(&mut self, item: Queued) -> bool {
+        // Replay appends in order except for rewritten records: take the common case first.
+        if self.items.back().is_none_or(|last| last.seq < item.seq) {
+            self.bytes += item.frame.len() as u64;
+            self.items.push_back(item);
+            return true;
+        }
         match self.items.binary_search_by_key(&item.seq, |q| q.seq) {
             Ok(_) => false,
             Err(index) => {
