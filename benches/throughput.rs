@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use client::{ClientTls, ConnectOptions, Event, connect};
 use codec::*;
 use relay::config::Config;
+use relay::core::log::Durability;
 use relay::io::Relay;
 
 const FRAME_BYTES: usize = 256;
@@ -42,21 +43,53 @@ fn main() {
     } else {
         Duration::from_millis(300)
     };
-    let forwarded = forwarder(measure);
+    let users = if full { USERS } else { 100 };
+    // A7_BENCH_ONLY=forwarder, =memory or =fsync runs one part (e.g. under `perf record`).
+    let only = std::env::var("A7_BENCH_ONLY").unwrap_or_default();
+    let wants = |part: &str| only.is_empty() || only == part;
+    let forwarded = if wants("forwarder") {
+        forwarder(measure)
+    } else {
+        f64::NAN
+    };
     println!(
-        "forwarder: {:>12.0} frames/s (plain TCP, 256-byte frames, one tokio-uring thread)",
-        forwarded
+        "forwarder:     {forwarded:>10.0} frames/s (plain TCP, 256-byte frames, one tokio-uring thread)"
     );
-    let (envelopes, deliveries) = relay_run(measure, if full { USERS } else { 100 });
-    println!(
-        "relay:     {:>12.0} envelopes/s accepted, {:.0} deliveries/s acknowledged (TLS, 2 devices each)",
-        envelopes, deliveries
-    );
-    println!(
-        "ratio relay/forwarder: {:.3} (envelopes), {:.3} (deliveries)",
-        envelopes / forwarded,
-        deliveries / forwarded
-    );
+    let mut memory_rate = f64::NAN;
+    for durability in [Durability::Memory, Durability::Fsync] {
+        if !wants(durability.name()) {
+            continue;
+        }
+        let run = relay_run(measure, users, durability);
+        println!(
+            "relay {:<7} {:>10.0} envelopes/s accepted, {:.0} deliveries/s acknowledged (TLS, 2 devices each){}",
+            durability.name(),
+            run.envelopes,
+            run.deliveries,
+            if run.syncs > 0.0 {
+                format!(", {:.0} acks per fdatasync", run.envelopes / run.syncs)
+            } else {
+                String::new()
+            }
+        );
+        println!(
+            "  ratio to the forwarder: {:.3} (envelopes), {:.3} (deliveries)",
+            run.envelopes / forwarded,
+            run.deliveries / forwarded
+        );
+        if durability == Durability::Memory {
+            memory_rate = run.envelopes;
+        } else {
+            println!("  fsync / memory: {:.3}", run.envelopes / memory_rate);
+        }
+    }
+}
+
+struct Run {
+    envelopes: f64,
+    deliveries: f64,
+    /// Log syncs per second.
+    syncs: f64,
 }
 
 /// Producer → forwarder → consumer over loopback; returns frames/s through the forwarder.
@@ -148,14 +181,24 @@ fn forwarder(measure: Duration) -> f64 {
     rate
 }
 
-/// Returns (envelopes accepted per second, deliveries acknowledged per second).
-fn relay_run(measure: Duration, users: u32) -> (f64, f64) {
+/// Envelopes accepted, deliveries acknowledged and log syncs, per second.
+fn relay_run(measure: Duration, users: u32, durability: Durability) -> Run {
     let data_dir = std::env::temp_dir().join(format!("a7-bench-{}", std::process::id()));
     let mut config = Config::embedded();
     config.data_dir = data_dir.clone();
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.cores = 2;
+    config.durability = durability;
+    let _ = std::fs::remove_dir_all(&data_dir);
     let relay = Relay::start(&config).expect("relay starts");
+    let shared = relay.shared.clone();
+    let syncs = move || {
+        shared
+            .metrics
+            .iter()
+            .map(|m| m.log_commits.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     let addr = relay.listen;
     let pki = data_dir.join("pki");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -291,22 +334,28 @@ fn relay_run(measure: Duration, users: u32) -> (f64, f64) {
             }));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (a0, d0) = (
+        let (a0, d0, s0) = (
             accepted.load(Ordering::Relaxed),
             delivered.load(Ordering::Relaxed),
+            syncs(),
         );
         let started = Instant::now();
         tokio::time::sleep(measure).await;
         let elapsed = started.elapsed().as_secs_f64();
-        let (a1, d1) = (
+        let (a1, d1, s1) = (
             accepted.load(Ordering::Relaxed),
             delivered.load(Ordering::Relaxed),
+            syncs(),
         );
         stop.store(true, Ordering::Relaxed);
         for task in tasks {
             let _ = task.await;
         }
-        ((a1 - a0) as f64 / elapsed, (d1 - d0) as f64 / elapsed)
+        Run {
+            envelopes: (a1 - a0) as f64 / elapsed,
+            deliveries: (d1 - d0) as f64 / elapsed,
+            syncs: (s1 - s0) as f64 / elapsed,
+        }
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     relay.stop();
