@@ -300,7 +300,7 @@ fn relay_run(measure: Duration, users: u32, durability: Durability) -> Run {
             let s = stop.clone();
             tasks.push(tokio::spawn(async move {
                 let payload = [0xCD_u8; PAYLOAD_BYTES];
-                let mut n: u64 = u64::from(g) << 40;
+                let mut n: u64 = g << 40;
                 while !s.load(Ordering::Relaxed) {
                     if in_flight.load(Ordering::Relaxed) > WINDOW {
                         tokio::task::yield_now().await;

@@ -114,9 +114,8 @@ impl Config {
 
     fn from_file(file: ConfigFile) -> Result<Config, String> {
         file.limits.validate()?;
-        let available = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(usize::from(CORES_MAX)) as u16;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let available = u16::try_from(cpus).unwrap_or(CORES_MAX).min(CORES_MAX);
         let cores = match file.cores {
             None | Some(0) => available,
             Some(n) if n > CORES_MAX => return Err(format!("cores: at most {CORES_MAX}")),

@@ -187,7 +187,8 @@ pub fn render(
             "relay_connections{{kind=\"{role}\",network=\"{network}\"}} {n}"
         );
     }
-    let per_core: [(&str, &str, fn(&CoreMetrics) -> &AtomicU64); 17] = [
+    type Field = fn(&CoreMetrics) -> &AtomicU64;
+    let per_core: [(&str, &str, Field); 17] = [
         ("relay_frames_in_total", "Frames received", |m| &m.frames_in),
         ("relay_envelopes_in_total", "Envelopes received", |m| {
             &m.envelopes_in

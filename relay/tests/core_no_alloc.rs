@@ -116,7 +116,7 @@ impl Harness {
     }
 
     /// Feeds one encoded frame from a client through its session, the shard, and back out.
-    fn from_client(&mut self, now_ms: u64, partner: bool) {
+    fn feed_from_client(&mut self, now_ms: u64, partner: bool) {
         self.decoder.extend_from_slice(&self.wire);
         self.wire.clear();
         while let Some(frame) = self.decoder.next_frame().unwrap() {
@@ -197,7 +197,7 @@ impl Harness {
             token: None,
         };
         encode(&mut self.wire, &hello, &[]).unwrap();
-        self.from_client(0, partner);
+        self.feed_from_client(0, partner);
     }
 
     /// One envelope from a gatekeeper user to a partner user (two devices), delivered and
@@ -216,7 +216,7 @@ impl Harness {
             flags: 0,
         };
         encode(&mut self.wire, &envelope, payload).unwrap();
-        self.from_client(now_ms, false);
+        self.feed_from_client(now_ms, false);
         while let Some((id, device)) = self.pending_acks.pop() {
             encode(
                 &mut self.wire,
@@ -229,7 +229,7 @@ impl Harness {
             )
             .unwrap();
         }
-        self.from_client(now_ms, true);
+        self.feed_from_client(now_ms, true);
         self.gatekeeper_out.clear();
         self.partner_out.clear();
     }
@@ -247,7 +247,7 @@ fn routing_envelopes_allocates_nothing_per_message() {
             devices: vec![DeviceId(1), DeviceId(2)],
         };
         encode(&mut h.wire, &list, &[]).unwrap();
-        h.from_client(0, true);
+        h.feed_from_client(0, true);
     }
     let payload = [0x5A; 256];
     for n in 1..=3_000 {

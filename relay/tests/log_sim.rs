@@ -188,11 +188,10 @@ impl World {
     }
 }
 
-fn snapshot(
-    shard: &Shard<MemoryQueue>,
-    users: u32,
-    devices: u32,
-) -> Vec<(u32, u32, Vec<(u64, MessageId, Bytes)>)> {
+/// (user, device, its queue as (seq, id, frame)).
+type Snapshot = Vec<(u32, u32, Vec<(u64, MessageId, Bytes)>)>;
+
+fn snapshot(shard: &Shard<MemoryQueue>, users: u32, devices: u32) -> Snapshot {
     let mut out = Vec::new();
     for u in 0..users {
         for d in 1..=devices {

@@ -10,6 +10,9 @@
 //!
 //! A failure prints `SEED=n`; `SIM_SEED=n cargo test -p relay --test shard_sim` replays it.
 
+// The simulation casts small random numbers and ids on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
@@ -102,7 +105,7 @@ impl World {
         }
     }
 
-    fn to_shard(&mut self, user: &UserAddress, input: ShardInput) -> Result<(), String> {
+    fn send_to_shard(&mut self, user: &UserAddress, input: ShardInput) -> Result<(), String> {
         let s = shard_of(user, SHARDS) as usize;
         self.shards[s].handle(self.now_ms, input);
         self.drain()
@@ -204,7 +207,7 @@ impl World {
                 let device = self.random_device(rng);
                 if let Some(conn) = self.online.remove(&device) {
                     self.inbox.remove(&device);
-                    self.to_shard(
+                    self.send_to_shard(
                         &device.user_address(),
                         ShardInput::DetachDevice { device, conn },
                     )?;
@@ -212,7 +215,7 @@ impl World {
                     let conn = self.conn();
                     self.online.insert(device, conn);
                     self.inbox.remove(&device);
-                    self.to_shard(
+                    self.send_to_shard(
                         &device.user_address(),
                         ShardInput::AttachDevice { device, conn },
                     )?;
@@ -265,10 +268,10 @@ impl World {
                         generation: 0,
                     },
                 };
-                self.to_shard(&recipient, ShardInput::Envelope(routed.clone()))?;
+                self.send_to_shard(&recipient, ShardInput::Envelope(routed.clone()))?;
                 if rng.chance(10) && self.accepted.contains_key(&id) {
                     // A resend of the same id: acknowledged again, queued once.
-                    self.to_shard(&recipient, ShardInput::Envelope(routed))?;
+                    self.send_to_shard(&recipient, ShardInput::Envelope(routed))?;
                 }
             }
             55..=89 => {
@@ -279,7 +282,10 @@ impl World {
                     let index = rng.below(pending as u64) as usize;
                     let (_, id) = self.inbox.get_mut(&device).unwrap().remove(index);
                     self.acked.entry(device).or_default().insert(id);
-                    self.to_shard(&device.user_address(), ShardInput::DeviceAck { device, id })?;
+                    self.send_to_shard(
+                        &device.user_address(),
+                        ShardInput::DeviceAck { device, id },
+                    )?;
                 }
             }
             _ => {
@@ -305,7 +311,7 @@ impl World {
                 let conn = self.conn();
                 self.online.insert(*device, conn);
                 self.inbox.remove(device);
-                self.to_shard(
+                self.send_to_shard(
                     &device.user_address(),
                     ShardInput::AttachDevice {
                         device: *device,
@@ -324,7 +330,7 @@ impl World {
             };
             let (_, id) = self.inbox.get_mut(&device).unwrap().remove(0);
             self.acked.entry(device).or_default().insert(id);
-            self.to_shard(&device.user_address(), ShardInput::DeviceAck { device, id })?;
+            self.send_to_shard(&device.user_address(), ShardInput::DeviceAck { device, id })?;
         }
         Err("did not settle".into())
     }
@@ -361,7 +367,7 @@ fn run(seed: u64) -> Result<(), String> {
             let devices: Vec<DeviceId> = (1..=1 + rng.below(3) as u32).map(DeviceId).collect();
             if network == 2 {
                 let reply_to = world.conn();
-                world.to_shard(
+                world.send_to_shard(
                     &user,
                     ShardInput::DeviceList {
                         request_id: MessageId(u128::from(u)),
@@ -373,14 +379,14 @@ fn run(seed: u64) -> Result<(), String> {
             } else {
                 for &d in &devices {
                     let conn = world.conn();
-                    world.to_shard(
+                    world.send_to_shard(
                         &user,
                         ShardInput::AttachDevice {
                             device: user.device(d),
                             conn,
                         },
                     )?;
-                    world.to_shard(
+                    world.send_to_shard(
                         &user,
                         ShardInput::DetachDevice {
                             device: user.device(d),

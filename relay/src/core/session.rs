@@ -353,10 +353,11 @@ impl Session {
             session_id: self.session_id,
             features: 0,
             limits: SessionLimits {
-                frame_bytes_max: codec::limits::FRAME_BYTES_MAX as u32,
+                frame_bytes_max: u32::try_from(codec::limits::FRAME_BYTES_MAX).unwrap_or(u32::MAX),
                 payload_bytes_max: l.payload_bytes_max,
-                recipient_devices_max: codec::limits::RECIPIENT_DEVICES_MAX as u16,
-                receipt_ids_max: codec::limits::RECEIPT_IDS_MAX as u16,
+                recipient_devices_max: u16::try_from(codec::limits::RECIPIENT_DEVICES_MAX)
+                    .unwrap_or(u16::MAX),
+                receipt_ids_max: u16::try_from(codec::limits::RECEIPT_IDS_MAX).unwrap_or(u16::MAX),
                 devices_per_user_max: l.devices_per_user_max,
                 frames_in_flight_max: l.frames_in_flight_max,
                 ttl_seconds_max: l.ttl_seconds_max,

@@ -827,6 +827,8 @@ impl<Q: DeviceQueue> Shard<Q> {
         self.log_release(device, &item, false);
     }
 
+    // A `Refusal` carries the current device set inline (no allocation); this path is rare.
+    #[allow(clippy::result_large_err)]
     fn set_devices(&mut self, user: UserAddress, devices: &[DeviceId]) -> Result<(), Refusal> {
         let mut wanted = DeviceSet::new();
         for &id in devices {
@@ -984,6 +986,8 @@ fn new_device<Q: DeviceQueue>(id: DeviceId) -> DeviceState<Q> {
 
 /// The server session a device of a proxied network is delivered through: fixed by a hash of
 /// the device while the set of server sessions stays the same, so its order holds.
+// Truncating casts fold the id into the hash on purpose.
+#[allow(clippy::cast_possible_truncation)]
 fn server_for(servers: &[ConnId], device: &DeviceAddress) -> Option<ConnId> {
     if servers.is_empty() {
         return None;

@@ -63,7 +63,9 @@ fn put_device(out: &mut BytesMut, device: &DeviceAddress) {
     out.put_u32_le(device.device.0);
 }
 
-/// Appends `record` to `out`, framed.
+/// Appends `record` to `out`, framed. Counts fit their fields: device sets and targets hold at
+/// most `RECIPIENT_DEVICES_MAX` (32) entries, frames at most `FRAME_BYTES_MAX` bytes.
+#[allow(clippy::cast_possible_truncation, clippy::indexing_slicing)]
 pub fn encode(out: &mut BytesMut, record: &Record<'_>) {
     let start = out.len();
     out.put_bytes(0, RECORD_HEADER_BYTES - 1);
@@ -110,10 +112,13 @@ pub fn encode(out: &mut BytesMut, record: &Record<'_>) {
             out.put_u8(u8::from(*expired));
         }
     }
-    let body_len = out.len() - start - (RECORD_HEADER_BYTES - 1);
-    let crc = crc32fast::hash(&out[start + RECORD_HEADER_BYTES - 1..]);
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    let body_start = start + RECORD_HEADER_BYTES - 1;
+    let body_len = u32::try_from(out.len() - body_start).unwrap_or(u32::MAX);
+    let crc = out.get(body_start..).map_or(0, crc32fast::hash);
+    if let Some(header) = out.get_mut(start..body_start) {
+        header[..4].copy_from_slice(&body_len.to_le_bytes());
+        header[4..].copy_from_slice(&crc.to_le_bytes());
+    }
 }
 
 /// Why a scan of a segment stopped before its end.
@@ -272,6 +277,7 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -29,6 +29,11 @@ pub enum CoreMsg {
 
 pub type Batch = Vec<CoreMsg>;
 
+/// Nanoseconds since `started` (saturating: a u64 holds 584 years).
+fn nanos(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The segment file the committer appends to.
 struct OpenSegment {
     id: u64,
@@ -227,8 +232,7 @@ impl Core {
                         let m = self.metrics();
                         m.log_commits.fetch_add(1, Ordering::Relaxed);
                         m.log_bytes.fetch_add(bytes, Ordering::Relaxed);
-                        m.log_commit_ns
-                            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        m.log_commit_ns.fetch_add(nanos(started), Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::error!(
@@ -403,7 +407,6 @@ impl Core {
     pub fn record_turn(&self, started: Instant) {
         let m = self.metrics();
         m.turns.fetch_add(1, Ordering::Relaxed);
-        m.busy_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        m.busy_ns.fetch_add(nanos(started), Ordering::Relaxed);
     }
 }

@@ -51,7 +51,7 @@ pub struct Shared {
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A running relay.
@@ -108,7 +108,7 @@ impl Relay {
         for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
             let shared = shared.clone();
             let ready = ready_tx.clone();
-            let index = index as u16;
+            let index = u16::try_from(index).map_err(|_| "too many cores".to_string())?;
             let thread = std::thread::Builder::new()
                 .name(format!("relay-core-{index}"))
                 .spawn(move || run_core(index, shared, listener, inbox, ready))
