@@ -38,6 +38,10 @@ pub struct RelayLimits {
     pub cross_core_inbox_batches_max: u32,
     /// Size at which a shard's log segment is sealed and a new one started.
     pub log_segment_bytes_max: u64,
+    /// Bytes of queued frames a shard keeps in memory at the `os` and `fsync` levels; past
+    /// it, frames of offline devices leave memory (they are in the log) and are read back
+    /// when their device returns. `shard_queued_bytes_max` bounds what is queued in all.
+    pub shard_ram_bytes_max: u64,
 }
 
 impl Default for RelayLimits {
@@ -45,7 +49,7 @@ impl Default for RelayLimits {
         RelayLimits {
             devices_per_user_max: 5,
             device_queue_depth_max: 10_000,
-            shard_queued_bytes_max: 1 << 30,
+            shard_queued_bytes_max: 16 << 30,
             device_deliveries_in_flight_max: 256,
             frames_in_flight_max: 4096,
             connection_pending_bytes_max: 4 << 20,
@@ -58,6 +62,7 @@ impl Default for RelayLimits {
             cross_core_batch_max: 1024,
             cross_core_inbox_batches_max: 1024,
             log_segment_bytes_max: 64 << 20,
+            shard_ram_bytes_max: 256 << 20,
         }
     }
 }
@@ -65,7 +70,7 @@ impl Default for RelayLimits {
 impl RelayLimits {
     /// Checks each bound against the codec's and against each other; names the key at fault.
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(&str, bool, String); 10] = [
+        let checks: [(&str, bool, String); 11] = [
             (
                 "limits.devices_per_user_max",
                 (1..=codec::limits::RECIPIENT_DEVICES_MAX)
@@ -119,6 +124,14 @@ impl RelayLimits {
                 format!(
                     "must hold at least two whole frames ({} bytes)",
                     codec::limits::FRAME_BYTES_MAX * 2
+                ),
+            ),
+            (
+                "limits.shard_ram_bytes_max",
+                self.shard_ram_bytes_max >= codec::limits::FRAME_BYTES_MAX as u64,
+                format!(
+                    "must hold at least one whole frame ({} bytes)",
+                    codec::limits::FRAME_BYTES_MAX
                 ),
             ),
             (

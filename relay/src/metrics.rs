@@ -30,7 +30,7 @@ pub struct CoreMetrics {
     pub storage_failed: AtomicU64,
     pub recovered_frames: AtomicU64,
     errors: [AtomicU64; 64],
-    shard: [AtomicU64; 10],
+    shard: [AtomicU64; SHARD_FIELDS],
 }
 
 impl Default for CoreMetrics {
@@ -78,14 +78,39 @@ impl CoreMetrics {
             s.signals,
             s.queued_frames,
             s.queued_bytes,
+            s.ram_bytes,
+            s.spilled,
+            s.loads,
         ];
         for (slot, value) in self.shard.iter().zip(values) {
             slot.store(value, Ordering::Relaxed);
         }
     }
+
+    /// The shard's counters as last published (for tests and tools in-process).
+    pub fn shard_stats(&self) -> ShardStats {
+        let v = |i: usize| self.shard[i].load(Ordering::Relaxed);
+        ShardStats {
+            accepted: v(0),
+            duplicates: v(1),
+            refused: v(2),
+            delivered: v(3),
+            released: v(4),
+            expired: v(5),
+            deleted: v(6),
+            signals: v(7),
+            queued_frames: v(8),
+            queued_bytes: v(9),
+            ram_bytes: v(10),
+            spilled: v(11),
+            loads: v(12),
+        }
+    }
 }
 
-const SHARD_NAMES: [(&str, &str, &str); 10] = [
+const SHARD_FIELDS: usize = 13;
+
+const SHARD_NAMES: [(&str, &str, &str); SHARD_FIELDS] = [
     (
         "relay_shard_accepted_total",
         "counter",
@@ -132,6 +157,21 @@ const SHARD_NAMES: [(&str, &str, &str); 10] = [
         "Frames queued, delivered or not, awaiting a device's Ack",
     ),
     ("relay_queue_bytes", "gauge", "Bytes of queued frames"),
+    (
+        "relay_queue_ram_bytes",
+        "gauge",
+        "Bytes of queued frames held in memory (the rest are only in the log)",
+    ),
+    (
+        "relay_shard_spilled_total",
+        "counter",
+        "Queued frames moved out of memory (their bytes stay in the log)",
+    ),
+    (
+        "relay_shard_loads_total",
+        "counter",
+        "Spilled frames read back from the log for delivery",
+    ),
 ];
 
 const _: () = assert!(

@@ -182,6 +182,7 @@ impl Harness {
                         self.partner.on_relay_ack();
                     }
                 }
+                ShardOutput::Load { .. } => panic!("a load without a log"),
                 ShardOutput::Close { code, .. } => panic!("closed with {code}"),
             }
         }

@@ -203,6 +203,7 @@ impl World {
                     ShardOutput::Deliver { conn, .. }
                     | ShardOutput::Ack { conn, .. }
                     | ShardOutput::Close { conn, .. } => *conn,
+                    ShardOutput::Load { .. } => return Err("a load without a log".into()),
                 };
                 let Some(c) = self.conns.get_mut(&target).filter(|c| c.open) else {
                     continue;
@@ -233,6 +234,7 @@ impl World {
                         c.session.on_relay_ack();
                         write_ack(&mut c.out, id, address, result);
                     }
+                    ShardOutput::Load { .. } => return Err("a load without a log".into()),
                     ShardOutput::Close { code, .. } => {
                         error(&mut c.out, &mut Vec::new(), code, None, true, "closed");
                         return Err(format!("{target:?} closed by the relay: {code}"));

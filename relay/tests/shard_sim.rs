@@ -170,6 +170,7 @@ impl World {
                             }
                         }
                     },
+                    ShardOutput::Load { .. } => return Err("a load without a log".into()),
                     ShardOutput::Close { code, .. } => {
                         return Err(format!("a connection was closed with {code}"));
                     }

@@ -44,6 +44,9 @@ pub struct SegmentStats {
     pub live_bytes: u64,
     /// Users whose latest device set is recorded in this segment.
     pub device_sets: u64,
+    /// Live frames of this segment held only on disk (spilled): they are read back before
+    /// the segment is rewritten.
+    pub spilled: u64,
     /// Older segments this one's releases and device-set changes refer to: while any of them
     /// exists, deleting this one would bring what it removed back on replay.
     pub refs: BTreeSet<u64>,
@@ -124,18 +127,24 @@ impl ShardLog {
 
     /// Appends a record; returns the segment it went to.
     pub fn append(&mut self, record: &Record<'_>) -> u64 {
+        self.append_at(record).0
+    }
+
+    /// Appends a record; returns the segment it went to and its offset there.
+    pub fn append_at(&mut self, record: &Record<'_>) -> (u64, u64) {
         let current_bytes = self.segments.get(&self.current).map_or(0, |s| s.bytes);
         if current_bytes >= self.segment_bytes_max {
             self.current += 1;
             self.segments.insert(self.current, SegmentStats::default());
         }
         let segment = self.current;
+        let offset = self.segments.get(&segment).map_or(0, |s| s.bytes);
         if self.pending.last().is_none_or(|(s, _)| *s != segment) {
             self.pending
                 .push((segment, BytesMut::with_capacity(64 * 1024)));
         }
         let Some((_, buf)) = self.pending.last_mut() else {
-            return segment;
+            return (segment, offset);
         };
         let before = buf.len();
         wal::encode(buf, record);
@@ -144,7 +153,14 @@ impl ShardLog {
         if let Some(stats) = self.segments.get_mut(&segment) {
             stats.bytes += written;
         }
-        segment
+        (segment, offset)
+    }
+
+    /// A live frame of `segment` left memory (`+1`) or came back (`-1`).
+    pub fn add_spilled(&mut self, segment: u64, delta: i64) {
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.spilled = s.spilled.saturating_add_signed(delta);
+        }
     }
 
     pub fn has_pending(&self) -> bool {

@@ -17,8 +17,18 @@ pub struct Queued {
     pub expires_at_ms: u64,
     /// The log segment holding its enqueue record (0 without a log).
     pub segment: u64,
-    /// The whole frame; a reference-counted slice of the buffer it was read into.
-    pub frame: Bytes,
+    /// Where the frame's bytes start in that segment (0 without a log).
+    pub offset: u64,
+    /// The log position after its record: the frame may leave memory once the log is
+    /// committed past it (0 without a log, or when read back from the log).
+    pub lsn: u64,
+    /// Length of the frame in bytes.
+    pub len: u32,
+    /// The whole frame, a reference-counted slice of the buffer it was read into; `None`
+    /// while it lives only in the log (spilled), until it is read back for delivery.
+    pub frame: Option<Bytes>,
+    /// A read of the frame from the log is in flight.
+    pub loading: bool,
 }
 
 /// The operations the shard needs of a device's queue, in queue order.
@@ -31,6 +41,9 @@ pub trait DeviceQueue: Default {
     /// Bytes of all queued frames.
     fn bytes(&self) -> u64;
     fn get(&self, index: usize) -> Option<&Queued>;
+    fn get_mut(&mut self, index: usize) -> Option<&mut Queued>;
+    /// The frame with `seq`, to fill in what was read back from the log.
+    fn find_seq_mut(&mut self, seq: u64) -> Option<&mut Queued>;
     /// Removes the frame with `id`, returning its index and the frame.
     fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)>;
     /// Removes the frame with `seq`, returning its index and the frame.
@@ -57,7 +70,7 @@ pub struct MemoryQueue {
 impl MemoryQueue {
     fn take(&mut self, index: usize) -> Option<(usize, Queued)> {
         let item = self.items.remove(index)?;
-        self.bytes -= item.frame.len() as u64;
+        self.bytes -= u64::from(item.len);
         Some((index, item))
     }
 }
@@ -65,7 +78,7 @@ impl MemoryQueue {
 impl DeviceQueue for MemoryQueue {
     fn push(&mut self, item: Queued) {
         debug_assert!(self.items.back().is_none_or(|last| last.seq < item.seq));
-        self.bytes += item.frame.len() as u64;
+        self.bytes += u64::from(item.len);
         self.items.push_back(item);
     }
 
@@ -79,6 +92,15 @@ impl DeviceQueue for MemoryQueue {
 
     fn get(&self, index: usize) -> Option<&Queued> {
         self.items.get(index)
+    }
+
+    fn get_mut(&mut self, index: usize) -> Option<&mut Queued> {
+        self.items.get_mut(index)
+    }
+
+    fn find_seq_mut(&mut self, seq: u64) -> Option<&mut Queued> {
+        let index = self.items.binary_search_by_key(&seq, |q| q.seq).ok()?;
+        self.items.get_mut(index)
     }
 
     fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)> {
@@ -115,14 +137,14 @@ impl DeviceQueue for MemoryQueue {
     fn insert_sorted(&mut self, item: Queued) -> bool {
         // Replay appends in order except for rewritten records: take the common case first.
         if self.items.back().is_none_or(|last| last.seq < item.seq) {
-            self.bytes += item.frame.len() as u64;
+            self.bytes += u64::from(item.len);
             self.items.push_back(item);
             return true;
         }
         match self.items.binary_search_by_key(&item.seq, |q| q.seq) {
             Ok(_) => false,
             Err(index) => {
-                self.bytes += item.frame.len() as u64;
+                self.bytes += u64::from(item.len);
                 self.items.insert(index, item);
                 true
             }

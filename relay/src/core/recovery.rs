@@ -74,6 +74,7 @@ impl<Q: DeviceQueue> Shard<Q> {
                         break;
                     }
                     Err(ScanStop::Corrupt { offset }) => {
+                        shard.fill_from_segment(id, &bytes);
                         store.quarantine(id)?;
                         report.quarantined.push((id, offset));
                         damaged.push(id);

@@ -115,6 +115,14 @@ pub enum ShardOutput {
     },
     /// Close the connection with an error (e.g. a device past the user's device limit).
     Close { conn: ConnId, code: ErrorCode },
+    /// Read a spilled frame back from the log, then call [`Shard::on_loaded`].
+    Load {
+        device: DeviceAddress,
+        seq: u64,
+        segment: u64,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// Counters a shard keeps for `/metrics` and the tests.
@@ -130,6 +138,11 @@ pub struct ShardStats {
     pub signals: u64,
     pub queued_frames: u64,
     pub queued_bytes: u64,
+    /// Bytes of queued frames held in memory (the rest are only in the log).
+    pub ram_bytes: u64,
+    /// Frames moved out of memory (their bytes stay in the log), and read back.
+    pub spilled: u64,
+    pub loads: u64,
 }
 
 #[derive(Debug)]
@@ -172,6 +185,12 @@ pub struct Shard<Q> {
     log: Option<ShardLog>,
     /// Acks held until the log has stored their records: (log position, ack).
     awaiting: VecDeque<(u64, ShardOutput)>,
+    /// Devices without a connection that may still hold frames in memory: where spilling
+    /// looks first.
+    offline: std::collections::HashSet<DeviceAddress>,
+    /// A segment whose spilled frames are being read back so it can be rewritten: they must
+    /// not be spilled again meanwhile.
+    reloading: Option<u64>,
 }
 
 impl<Q: DeviceQueue> Shard<Q> {
@@ -187,6 +206,101 @@ impl<Q: DeviceQueue> Shard<Q> {
             stats: ShardStats::default(),
             log: None,
             awaiting: VecDeque::new(),
+            offline: std::collections::HashSet::new(),
+            reloading: None,
+        }
+    }
+
+    /// Moves frames of offline devices out of memory (their bytes are in the log, committed)
+    /// until the shard holds at most `shard_ram_bytes_max`. Devices that come back read them
+    /// again, in order, as their deliveries need them.
+    fn spill(&mut self) {
+        let Some(log) = self.log.as_mut() else { return };
+        if self.stats.ram_bytes <= self.limits.shard_ram_bytes_max {
+            return;
+        }
+        let committed = log.committed();
+        let reloading = self.reloading;
+        let candidates: Vec<DeviceAddress> = self.offline.iter().copied().collect();
+        for device in candidates {
+            if self.stats.ram_bytes <= self.limits.shard_ram_bytes_max {
+                break;
+            }
+            let Some(dev) = self
+                .users
+                .get_mut(&device.user_address())
+                .and_then(|s| s.devices.iter_mut().find(|d| d.id == device.device))
+            else {
+                self.offline.remove(&device);
+                continue;
+            };
+            if dev.bound.is_some() {
+                self.offline.remove(&device);
+                continue;
+            }
+            let mut kept = false;
+            let stats = &mut self.stats;
+            dev.queue.for_each_mut(&mut |item| {
+                if item.frame.is_none() {
+                    return;
+                }
+                if item.lsn > committed || item.loading || Some(item.segment) == reloading {
+                    kept = true;
+                    return;
+                }
+                item.frame = None;
+                stats.ram_bytes -= u64::from(item.len);
+                stats.spilled += 1;
+                log.add_spilled(item.segment, 1);
+            });
+            if !kept {
+                self.offline.remove(&device);
+            }
+        }
+    }
+
+    /// A frame read back from the log (`None`: the read failed).
+    pub fn on_loaded(&mut self, device: DeviceAddress, seq: u64, frame: Option<Bytes>) {
+        let Some(dev) = self
+            .users
+            .get_mut(&device.user_address())
+            .and_then(|s| s.devices.iter_mut().find(|d| d.id == device.device))
+        else {
+            return;
+        };
+        let Some(item) = dev.queue.find_seq_mut(seq) else {
+            return;
+        };
+        match frame {
+            Some(frame) if item.frame.is_none() => {
+                item.loading = false;
+                item.frame = Some(frame);
+                self.stats.ram_bytes += u64::from(item.len);
+                self.stats.loads += 1;
+                if let Some(log) = self.log.as_mut() {
+                    log.add_spilled(item.segment, -1);
+                }
+            }
+            Some(_) => item.loading = false,
+            None => {
+                // Left marked as loading: this device stalls rather than retrying a bad
+                // read forever; the shard stops acknowledging (STORAGE_UNAVAILABLE).
+                self.on_log_failed();
+                return;
+            }
+        }
+        pump(dev, device, &self.limits, &mut self.out, &mut self.stats);
+        if dev.bound.is_none() {
+            self.offline.insert(device);
+        }
+    }
+
+    /// Forgets a removed frame's memory or its spilled mark.
+    fn forget_frame(&mut self, item: &Queued) {
+        if item.frame.is_some() {
+            self.stats.ram_bytes -= u64::from(item.len);
+        } else if let Some(log) = self.log.as_mut() {
+            log.add_spilled(item.segment, -1);
         }
     }
 
@@ -216,6 +330,8 @@ impl<Q: DeviceQueue> Shard<Q> {
                 self.out.push_back(ack);
             }
         }
+        // Frames stored now may leave memory.
+        self.spill();
     }
 
     /// A log write or sync failed: nothing waiting is acknowledged, and nothing more will be
@@ -272,12 +388,12 @@ impl<Q: DeviceQueue> Shard<Q> {
         match record {
             Record::DeviceSet { user, devices } => {
                 let state = self.users.entry(user).or_insert_with(new_user);
-                let mut dropped: Vec<(u64, u64)> = Vec::new();
+                let mut dropped: Vec<(u64, u64, bool)> = Vec::new();
                 state.devices.retain_mut(|dev| {
                     let keep = devices.contains(dev.id);
                     if !keep {
                         dev.queue.clear(&mut |item| {
-                            dropped.push((item.segment, item.frame.len() as u64))
+                            dropped.push((item.segment, u64::from(item.len), item.frame.is_some()))
                         });
                     }
                     keep
@@ -287,9 +403,14 @@ impl<Q: DeviceQueue> Shard<Q> {
                         state.devices.push(new_device(id));
                     }
                 }
-                for (from, len) in dropped {
+                for (from, len, in_ram) in dropped {
                     log.remove_live(from, len);
                     log.add_ref(segment, from);
+                    if in_ram {
+                        self.stats.ram_bytes -= len;
+                    } else {
+                        log.add_spilled(from, -1);
+                    }
                     self.stats.queued_frames -= 1;
                     self.stats.queued_bytes -= len;
                     report.restored_frames -= 1;
@@ -336,34 +457,55 @@ impl<Q: DeviceQueue> Shard<Q> {
                     report.expired += targets.len() as u64;
                     return;
                 }
-                let frame = bytes.slice_ref(frame);
+                // Where the frame sits in the segment, to read it back if it stays on disk.
+                let offset =
+                    (frame.as_ptr() as usize).saturating_sub(bytes.as_ptr() as usize) as u64;
+                let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
                 for target in targets {
                     let Some(dev) = state.devices.iter_mut().find(|d| d.id == target.device) else {
                         continue;
                     };
+                    // Within the memory budget the frame is copied (so that the segment's
+                    // buffer can go); past it, it stays only in the log.
+                    let in_ram =
+                        self.stats.ram_bytes + u64::from(len) <= self.limits.shard_ram_bytes_max;
                     let item = Queued {
                         seq: target.seq,
                         id,
                         sender,
                         expires_at_ms,
                         segment,
-                        frame: frame.clone(),
+                        offset,
+                        lsn: 0,
+                        len,
+                        frame: in_ram.then(|| Bytes::copy_from_slice(frame)),
+                        loading: false,
                     };
-                    let len = frame.len() as u64;
+                    let bytes_len = u64::from(len);
                     if dev.queue.insert_sorted(item) {
-                        log.add_live(segment, len);
+                        log.add_live(segment, bytes_len);
+                        if in_ram {
+                            self.stats.ram_bytes += bytes_len;
+                        } else {
+                            log.add_spilled(segment, 1);
+                        }
                         self.expiry
                             .push(Reverse((expires_at_ms, recipient, dev.id, target.seq)));
                         self.stats.queued_frames += 1;
-                        self.stats.queued_bytes += len;
+                        self.stats.queued_bytes += bytes_len;
                         report.restored_frames += 1;
                     } else {
                         // A rewritten copy: the newest segment holds it now.
                         dev.queue.for_each_mut(&mut |q| {
                             if q.seq == target.seq && q.segment != segment {
-                                log.remove_live(q.segment, len);
-                                log.add_live(segment, len);
+                                log.remove_live(q.segment, bytes_len);
+                                log.add_live(segment, bytes_len);
+                                if q.frame.is_none() {
+                                    log.add_spilled(q.segment, -1);
+                                    log.add_spilled(segment, 1);
+                                }
                                 q.segment = segment;
+                                q.offset = offset;
                             }
                         });
                     }
@@ -379,9 +521,14 @@ impl<Q: DeviceQueue> Shard<Q> {
                     return;
                 };
                 if let Some((_, item)) = dev.queue.remove_seq(seq) {
-                    let len = item.frame.len() as u64;
+                    let len = u64::from(item.len);
                     log.remove_live(item.segment, len);
                     log.add_ref(segment, item.segment);
+                    if item.frame.is_some() {
+                        self.stats.ram_bytes -= len;
+                    } else {
+                        log.add_spilled(item.segment, -1);
+                    }
                     self.stats.queued_frames -= 1;
                     self.stats.queued_bytes -= len;
                     report.restored_frames -= 1;
@@ -393,6 +540,14 @@ impl<Q: DeviceQueue> Shard<Q> {
     /// After the last record: forget dedup entries past their window, drop dead segments.
     pub(crate) fn finish_recovery(&mut self, now_ms: u64) {
         self.dedup.forget_expired(now_ms);
+        // No device is connected yet: every queue may give up memory.
+        for (user, state) in &self.users {
+            for dev in &state.devices {
+                if !dev.queue.is_empty() {
+                    self.offline.insert(user.device(dev.id));
+                }
+            }
+        }
         if let Some(log) = self.log.as_mut() {
             log.collect_dead();
         }
@@ -420,7 +575,7 @@ impl<Q: DeviceQueue> Shard<Q> {
             seq: item.seq,
             expired,
         });
-        log.remove_live(item.segment, item.frame.len() as u64);
+        log.remove_live(item.segment, u64::from(item.len));
         log.add_ref(segment, item.segment);
     }
 
@@ -452,8 +607,36 @@ impl<Q: DeviceQueue> Shard<Q> {
     /// Rewrites the oldest mostly-dead segment: its live records go to the head of the log,
     /// and the segment is deleted once they are stored.
     pub fn compact_log(&mut self, now_ms: u64) {
-        if let Some(segment) = self.log.as_ref().and_then(ShardLog::rewrite_candidate) {
+        let Some(log) = self.log.as_ref() else { return };
+        let Some(segment) = log.rewrite_candidate() else {
+            return;
+        };
+        let spilled = log.segments().get(&segment).map_or(0, |s| s.spilled);
+        if spilled == 0 {
+            self.reloading = None;
             self.rewrite_segment(segment, now_ms);
+            return;
+        }
+        // Its live frames are mostly on disk only: read them back first (memory goes over
+        // budget by at most a quarter of a segment); the rewrite follows on a later tick.
+        self.reloading = Some(segment);
+        let out = &mut self.out;
+        for (user, state) in &mut self.users {
+            for dev in &mut state.devices {
+                let device = user.device(dev.id);
+                dev.queue.for_each_mut(&mut |item| {
+                    if item.segment == segment && item.frame.is_none() && !item.loading {
+                        item.loading = true;
+                        out.push_back(ShardOutput::Load {
+                            device,
+                            seq: item.seq,
+                            segment,
+                            offset: item.offset,
+                            len: item.len,
+                        });
+                    }
+                });
+            }
         }
     }
 
@@ -465,6 +648,9 @@ impl<Q: DeviceQueue> Shard<Q> {
             for dev in &mut state.devices {
                 let device = user.device(dev.id);
                 dev.queue.for_each_mut(&mut |item| {
+                    // Segments with spilled frames are never chosen (see `rewrite_candidate`)
+                    // and recovery reloads a damaged segment's frames before rewriting it.
+                    let Some(frame) = &item.frame else { return };
                     if item.segment != segment {
                         return;
                     }
@@ -478,13 +664,15 @@ impl<Q: DeviceQueue> Shard<Q> {
                             device: device.device,
                             seq: item.seq,
                         }],
-                        frame: &item.frame,
+                        frame,
                     };
-                    let moved_to = log.append(&record);
-                    let bytes = item.frame.len() as u64;
+                    let (moved_to, record_offset) = log.append_at(&record);
+                    let bytes = u64::from(item.len);
                     log.remove_live(segment, bytes);
                     log.add_live(moved_to, bytes);
                     item.segment = moved_to;
+                    item.offset = record_offset + super::wal::enqueue_frame_offset(1);
+                    item.lsn = log.appended();
                 });
             }
         }
@@ -523,7 +711,7 @@ impl<Q: DeviceQueue> Shard<Q> {
         if let Some(dev) = self.device(device) {
             let mut index = 0;
             while let Some(item) = dev.queue.get(index) {
-                out.push((item.seq, item.id, item.frame.clone()));
+                out.push((item.seq, item.id, item.frame.clone().unwrap_or_default()));
                 index += 1;
             }
         }
@@ -630,13 +818,15 @@ impl<Q: DeviceQueue> Shard<Q> {
                 }
                 self.stats.expired += 1;
                 self.stats.queued_frames -= 1;
-                self.stats.queued_bytes -= item.frame.len() as u64;
+                self.stats.queued_bytes -= u64::from(item.len);
                 let address = user.device(device);
                 pump(dev, address, &self.limits, &mut self.out, &mut self.stats);
+                self.forget_frame(&item);
                 self.log_release(address, &item, true);
             }
         }
         self.compact_log(now_ms);
+        self.spill();
         if let Some(log) = self.log.as_mut() {
             log.collect_dead();
         }
@@ -713,10 +903,15 @@ impl<Q: DeviceQueue> Shard<Q> {
                 .devices
                 .iter()
                 .any(|d| d.queue.len() >= self.limits.device_queue_depth_max as usize);
-            if depth_full
-                || self.stats.queued_bytes + frame_bytes * fan_out
-                    > self.limits.shard_queued_bytes_max
-            {
+            // Without a log, everything queued is in memory: the memory budget bounds it too.
+            let bytes_max = match self.log {
+                Some(_) => self.limits.shard_queued_bytes_max,
+                None => self
+                    .limits
+                    .shard_queued_bytes_max
+                    .min(self.limits.shard_ram_bytes_max),
+            };
+            if depth_full || self.stats.queued_bytes + frame_bytes * fan_out > bytes_max {
                 let refusal = Refusal {
                     retry_after_ms: 100,
                     ..Refusal::new(ErrorCode::QueueFull)
@@ -744,14 +939,18 @@ impl<Q: DeviceQueue> Shard<Q> {
                         targets,
                         frame: &routed.frame,
                     };
-                    let segment = log.append(&record);
+                    let (segment, record_offset) = log.append_at(&record);
                     for _ in 0..fan_out {
                         log.add_live(segment, frame_bytes);
                     }
-                    segment
+                    let offset =
+                        record_offset + super::wal::enqueue_frame_offset(state.devices.len());
+                    (segment, offset, log.appended())
                 }
-                None => 0,
+                None => (0, 0, 0),
             };
+            let (segment, offset, lsn) = segment;
+            let len = u32::try_from(routed.frame.len()).unwrap_or(u32::MAX);
             for dev in &mut state.devices {
                 let seq = dev.next_seq;
                 dev.next_seq += 1;
@@ -761,16 +960,25 @@ impl<Q: DeviceQueue> Shard<Q> {
                     sender: routed.sender,
                     expires_at_ms,
                     segment,
-                    frame: routed.frame.clone(),
+                    offset,
+                    lsn,
+                    len,
+                    frame: Some(routed.frame.clone()),
+                    loading: false,
                 };
                 dev.queue.push(item);
                 self.expiry
                     .push(Reverse((expires_at_ms, routed.recipient, dev.id, seq)));
                 self.stats.queued_frames += 1;
                 self.stats.queued_bytes += frame_bytes;
+                self.stats.ram_bytes += frame_bytes;
                 let address = routed.recipient.device(dev.id);
                 pump(dev, address, &self.limits, &mut self.out, &mut self.stats);
+                if dev.bound.is_none() {
+                    self.offline.insert(address);
+                }
             }
+            self.spill();
         }
         self.dedup.insert(now_ms, routed.sender, routed.id);
         self.stats.accepted += 1;
@@ -814,7 +1022,8 @@ impl<Q: DeviceQueue> Shard<Q> {
         }
         self.stats.released += 1;
         self.stats.queued_frames -= 1;
-        self.stats.queued_bytes -= item.frame.len() as u64;
+        self.stats.queued_bytes -= u64::from(item.len);
+        self.forget_frame(&item);
         // Borrow again: `device_mut` borrowed all of self.
         let user = device.user_address();
         if let Some(dev) = self
@@ -846,14 +1055,14 @@ impl<Q: DeviceQueue> Shard<Q> {
         let state = self.users.entry(user).or_insert_with(new_user);
         let mut removed_frames = 0usize;
         let mut removed_bytes = 0u64;
-        let mut removed_from: Vec<(u64, u64)> = Vec::new();
+        let mut removed_from: Vec<(u64, u64, bool)> = Vec::new();
         state.devices.retain_mut(|dev| {
             let keep = wanted.contains(dev.id);
             if !keep {
                 removed_bytes += dev.queue.bytes();
-                removed_frames += dev
-                    .queue
-                    .clear(&mut |item| removed_from.push((item.segment, item.frame.len() as u64)));
+                removed_frames += dev.queue.clear(&mut |item| {
+                    removed_from.push((item.segment, u64::from(item.len), item.frame.is_some()))
+                });
             }
             keep
         });
@@ -865,14 +1074,22 @@ impl<Q: DeviceQueue> Shard<Q> {
         self.stats.deleted += removed_frames as u64;
         self.stats.queued_frames -= removed_frames as u64;
         self.stats.queued_bytes -= removed_bytes;
+        self.stats.ram_bytes -= removed_from
+            .iter()
+            .filter(|r| r.2)
+            .map(|r| r.1)
+            .sum::<u64>();
         // The device-set record is what deletes the removed devices' frames on replay, so it
         // refers to every segment they were recorded in.
         self.log_device_set(user);
         if let Some(log) = self.log.as_mut() {
             let head = log.current();
-            for (segment, bytes) in removed_from {
+            for &(segment, bytes, in_ram) in &removed_from {
                 log.remove_live(segment, bytes);
                 log.add_ref(head, segment);
+                if !in_ram {
+                    log.add_spilled(segment, -1);
+                }
             }
         }
         if self.users.get(&user).is_some_and(|s| s.devices.is_empty()) {
@@ -949,6 +1166,35 @@ impl<Q: DeviceQueue> Shard<Q> {
                 dev.bound = target;
                 dev.cursor = 0;
                 pump(dev, address, &self.limits, &mut self.out, &mut self.stats);
+                if target.is_none() && !dev.queue.is_empty() {
+                    self.offline.insert(address);
+                } else {
+                    self.offline.remove(&address);
+                }
+            }
+        }
+        self.spill();
+    }
+
+    /// Recovery found segment `segment` damaged: before it is moved aside, the frames of it
+    /// that stayed on disk are read from its bytes into memory, so they can be rewritten.
+    pub(crate) fn fill_from_segment(&mut self, segment: u64, bytes: &Bytes) {
+        let Some(log) = self.log.as_mut() else { return };
+        let stats = &mut self.stats;
+        for state in self.users.values_mut() {
+            for dev in &mut state.devices {
+                dev.queue.for_each_mut(&mut |item| {
+                    if item.segment != segment || item.frame.is_some() {
+                        return;
+                    }
+                    let start = usize::try_from(item.offset).unwrap_or(usize::MAX);
+                    let end = start.saturating_add(item.len as usize);
+                    if let Some(frame) = bytes.get(start..end) {
+                        item.frame = Some(Bytes::copy_from_slice(frame));
+                        stats.ram_bytes += u64::from(item.len);
+                        log.add_spilled(segment, -1);
+                    }
+                });
             }
         }
     }
@@ -1010,12 +1256,32 @@ fn pump<Q: DeviceQueue>(
         let Some(item) = dev.queue.get(dev.cursor) else {
             break;
         };
+        let Some(frame) = &item.frame else {
+            // Spilled: read back what the window needs, in order; deliveries resume from
+            // here when the first of them is loaded.
+            for index in dev.cursor..window {
+                let Some(item) = dev.queue.get_mut(index) else {
+                    break;
+                };
+                if item.frame.is_none() && !item.loading {
+                    item.loading = true;
+                    out.push_back(ShardOutput::Load {
+                        device: address,
+                        seq: item.seq,
+                        segment: item.segment,
+                        offset: item.offset,
+                        len: item.len,
+                    });
+                }
+            }
+            break;
+        };
         out.push_back(ShardOutput::Deliver {
             conn,
             device: address,
             seq: item.seq,
             ephemeral: false,
-            frame: item.frame.clone(),
+            frame: frame.clone(),
         });
         stats.delivered += 1;
         dev.cursor += 1;

@@ -23,6 +23,12 @@ const KIND_DEVICE_SET: u8 = 1;
 const KIND_ENQUEUE: u8 = 2;
 const KIND_RELEASE: u8 = 3;
 
+/// Where the frame starts inside an `Enqueue` record with `targets` targets, counted from
+/// the record's first byte: how spilled frames are read back from a segment.
+pub const fn enqueue_frame_offset(targets: usize) -> u64 {
+    (RECORD_HEADER_BYTES + 8 + 8 + 24 + 16 + 20 + 1 + 12 * targets + 4) as u64
+}
+
 /// Where a queued frame went: one device and its position in that device's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
@@ -320,6 +326,18 @@ mod tests {
             encode(&mut out, record);
         }
         out
+    }
+
+    #[test]
+    #[allow(clippy::cast_possible_truncation)]
+    fn the_frame_offset_points_at_the_frame() {
+        let records = samples();
+        let bytes = log_of(&records[1..2]);
+        let Record::Enqueue { frame, targets, .. } = &records[1] else {
+            unreachable!()
+        };
+        let at = enqueue_frame_offset(targets.len()) as usize;
+        assert_eq!(&bytes[at..at + frame.len()], *frame);
     }
 
     #[test]

@@ -126,6 +126,8 @@ impl Conn {
                 write_ack(&mut out.scratch, id, address, result);
                 metrics.acks_out.fetch_add(1, Ordering::Relaxed);
             }
+            // Never addressed to a connection: the core's loader takes these.
+            ShardOutput::Load { .. } => {}
             ShardOutput::Close { code, .. } => {
                 metrics.error(code);
                 let mut events = Vec::new();

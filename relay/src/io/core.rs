@@ -3,6 +3,7 @@
 //! bounded inbox.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,6 +29,35 @@ pub enum CoreMsg {
 }
 
 pub type Batch = Vec<CoreMsg>;
+
+/// A spilled frame to read back: (device, seq, segment, offset, len).
+type LoadRequest = (codec::DeviceAddress, u64, u64, u64, u32);
+
+/// Segment files a loader keeps open.
+const LOADER_FILES_OPEN_MAX: usize = 4;
+
+async fn read_frame(
+    dir: &ShardDir,
+    files: &mut VecDeque<(u64, Rc<tokio_uring::fs::File>)>,
+    segment: u64,
+    offset: u64,
+    len: u32,
+) -> std::io::Result<bytes::Bytes> {
+    let file = match files.iter().find(|(id, _)| *id == segment) {
+        Some((_, file)) => file.clone(),
+        None => {
+            let file = Rc::new(tokio_uring::fs::File::open(dir.segment(segment)).await?);
+            if files.len() >= LOADER_FILES_OPEN_MAX {
+                files.pop_front();
+            }
+            files.push_back((segment, file.clone()));
+            file
+        }
+    };
+    let (result, buf) = file.read_exact_at(vec![0u8; len as usize], offset).await;
+    result?;
+    Ok(bytes::Bytes::from(buf))
+}
 
 /// Nanoseconds since `started` (saturating: a u64 holds 584 years).
 fn nanos(started: Instant) -> u64 {
@@ -88,6 +118,9 @@ pub struct Core {
     log_dir: Option<ShardDir>,
     /// Wakes the committer when the shard appended to its log.
     commit_wake: Notify,
+    /// Spilled frames to read back from the log.
+    loads: RefCell<Vec<LoadRequest>>,
+    load_wake: Notify,
     pub conns: RefCell<Slab>,
     outgoing: RefCell<Vec<Batch>>,
     next_session: Cell<u64>,
@@ -109,6 +142,8 @@ impl Core {
             shard: RefCell::new(shard),
             log_dir,
             commit_wake: Notify::new(),
+            loads: RefCell::new(Vec::new()),
+            load_wake: Notify::new(),
             conns: RefCell::new(Slab::default()),
             outgoing: RefCell::new((0..cores).map(|_| Vec::new()).collect()),
             next_session: Cell::new(1),
@@ -198,6 +233,19 @@ impl Core {
                 ShardOutput::Deliver { conn, .. }
                 | ShardOutput::Ack { conn, .. }
                 | ShardOutput::Close { conn, .. } => *conn,
+                ShardOutput::Load {
+                    device,
+                    seq,
+                    segment,
+                    offset,
+                    len,
+                } => {
+                    self.loads
+                        .borrow_mut()
+                        .push((*device, *seq, *segment, *offset, *len));
+                    self.load_wake.notify_one();
+                    continue;
+                }
             };
             if target.core == self.index {
                 self.apply(output);
@@ -266,6 +314,41 @@ impl Core {
         }
     }
 
+    /// Reads spilled frames back from the log for the devices that need them, in the order
+    /// the shard asked.
+    pub async fn run_loader(self: Rc<Self>) {
+        let Some(dir) = self.log_dir.clone() else {
+            return;
+        };
+        // A few segment files stay open: a returning device reads mostly from one or two.
+        let mut files: VecDeque<(u64, Rc<tokio_uring::fs::File>)> = VecDeque::new();
+        loop {
+            self.load_wake.notified().await;
+            loop {
+                let batch = std::mem::take(&mut *self.loads.borrow_mut());
+                if batch.is_empty() {
+                    break;
+                }
+                for (device, seq, segment, offset, len) in batch {
+                    let frame = match read_frame(&dir, &mut files, segment, offset, len).await {
+                        Ok(bytes) => Some(bytes),
+                        Err(e) => {
+                            tracing::error!(
+                                shard = self.index,
+                                "reading a queued frame back from log segment {segment}: {e}"
+                            );
+                            self.metrics().storage_failed.store(1, Ordering::Relaxed);
+                            None
+                        }
+                    };
+                    self.shard.borrow_mut().on_loaded(device, seq, frame);
+                    self.drain_shard();
+                }
+                self.flush().await;
+            }
+        }
+    }
+
     async fn write_log(
         &self,
         dir: &ShardDir,
@@ -316,6 +399,7 @@ impl Core {
             ShardOutput::Deliver { conn, .. }
             | ShardOutput::Ack { conn, .. }
             | ShardOutput::Close { conn, .. } => *conn,
+            ShardOutput::Load { .. } => return,
         };
         // A connection that closed meanwhile: its deliveries stay queued in the shard, which
         // its detach has already unbound; its acks have no one left to read them.

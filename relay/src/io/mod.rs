@@ -219,6 +219,7 @@ fn run_core(
             };
             let core = Rc::new(Core::new(index, shared.clone(), inbox, shard, log_dir));
             tokio_uring::spawn(core.clone().run_committer());
+            tokio_uring::spawn(core.clone().run_loader());
             let listener = tokio_uring::net::TcpListener::from_std(listener);
             tokio_uring::spawn(core.clone().run_inbox());
             tokio_uring::spawn(core.clone().run_timers());
