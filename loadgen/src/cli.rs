@@ -1,0 +1,217 @@
+//! The command line: `loadgen [OPTIONS]` runs a scenario; `loadgen pki` writes identities and
+//! a relay configuration for N partners; `loadgen tune-check` compares the kernel with a
+//! tuning profile.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Load generator and SLA-parity report for Article 7 Relay.
+///
+/// Drives a relay (or, with --spawn, one it starts) with a population of gatekeeper and
+/// partner users, open loop at a fixed rate (or --max), and reports throughput, latency from
+/// the scheduled send time (HdrHistogram, no coordinated omission), exact loss, duplicates and
+/// reordering, and the parity of interop traffic with first-party traffic.
+///
+/// Exit status: 0 all good; 1 something the relay acknowledged was lost, duplicated,
+/// reordered or damaged; 2 setup or usage error; 3 intact but the parity verdict failed.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a CA, a relay certificate, per-network client certificates and token keys, and
+    /// a relay config (relay.toml) into DIR, for a relay started by hand; then run loadgen
+    /// with --pki DIR.
+    Pki {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        partners: u32,
+        /// Also a devices-only network for --idle-conns.
+        #[arg(long)]
+        idle_network: bool,
+    },
+    /// Print a side-by-side table (Markdown) of the main figures of several JSON reports.
+    Compare {
+        /// `LABEL=FILE` or `FILE` (the label is then the report's target).
+        #[arg(required = true)]
+        reports: Vec<String>,
+    },
+    /// Compare the live kernel's sysctl values with a tuning profile (throughput,
+    /// connections, latency, or a sysctl.d file). Exit 1 when some differ.
+    TuneCheck {
+        #[arg(default_value = "throughput")]
+        profile: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    // --- target ---
+    /// What to drive: relay://HOST:PORT (or just HOST:PORT), or mqtt://HOST:PORT for an MQTT
+    /// broker (one topic per device, QoS 1, persistent sessions).
+    #[arg(
+        long,
+        default_value = "relay://127.0.0.1:7700",
+        help_heading = "Target"
+    )]
+    pub target: String,
+    /// Start a relay on free loopback ports with its own PKI for every network, run, stop it.
+    #[arg(long, help_heading = "Target")]
+    pub spawn: bool,
+    /// The relay binary for --spawn (default: `relay` next to loadgen).
+    #[arg(long, value_name = "PATH", help_heading = "Target")]
+    pub relay_bin: Option<PathBuf>,
+    /// Cores for the spawned relay (default: all).
+    #[arg(long, value_name = "N", help_heading = "Target")]
+    pub relay_cores: Option<u16>,
+    /// Durability of the spawned relay: what its `Ack` means (fsync, os, memory; default:
+    /// the relay's own, fsync).
+    #[arg(long, value_name = "LEVEL", value_parser = ["fsync", "os", "memory"], help_heading = "Target")]
+    pub relay_durability: Option<String>,
+    /// A `[limits]` line for the spawned relay's config, e.g. `device_queue_depth_max=50000`.
+    #[arg(long, value_name = "KEY=VALUE", help_heading = "Target")]
+    pub relay_limit: Vec<String>,
+    /// Identities for a relay started by hand: a directory from `loadgen pki`, or a relay's
+    /// development PKI (networks 1 and 2 only).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "relay-data/pki",
+        help_heading = "Target"
+    )]
+    pub pki: PathBuf,
+    /// Keep the spawned relay's data directory and log.
+    #[arg(long, help_heading = "Target")]
+    pub keep_relay_data: bool,
+
+    // --- population ---
+    /// Partner networks (network 1 is the gatekeeper; partners are 2..).
+    #[arg(long, default_value_t = 2, help_heading = "Population")]
+    pub partners: u32,
+    /// Users per network.
+    #[arg(long, default_value_t = 1000, help_heading = "Population")]
+    pub users: u32,
+    /// Share of users with --devices-multi devices (the others have one).
+    #[arg(long, default_value_t = 0.2, help_heading = "Population")]
+    pub multi_device_share: f64,
+    #[arg(long, default_value_t = 5, help_heading = "Population")]
+    pub devices_multi: u8,
+    /// Partners whose devices connect directly with tokens (the last ones); the others and
+    /// the gatekeeper connect through servers. Default: half the partners, rounded down.
+    #[arg(long, help_heading = "Population")]
+    pub direct_partners: Option<u32>,
+    /// Share of direct devices that start offline and come back during the run.
+    #[arg(long, default_value_t = 0.1, help_heading = "Population")]
+    pub offline_share: f64,
+    /// When offline devices come back, seconds into the run (default: half the duration).
+    #[arg(long, value_name = "S", help_heading = "Population")]
+    pub offline_return_s: Option<f64>,
+    /// Server sessions per proxy network.
+    #[arg(long, default_value_t = 2, help_heading = "Population")]
+    pub server_connections: u32,
+
+    // --- traffic ---
+    /// Messages per second, open loop.
+    #[arg(long, default_value_t = 1000.0, help_heading = "Traffic")]
+    pub rate: f64,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 10.0, help_heading = "Traffic")]
+    pub duration: f64,
+    /// Seconds at the rate before measuring (not reported).
+    #[arg(long, default_value_t = 1.0, help_heading = "Traffic")]
+    pub warmup: f64,
+    /// Share of messages that are interop (the rest first party).
+    #[arg(long, default_value_t = 0.5, help_heading = "Traffic")]
+    pub interop_share: f64,
+    /// Share of interop messages sent gatekeeper → partner (the rest partner → gatekeeper).
+    #[arg(long, default_value_t = 0.5, help_heading = "Traffic")]
+    pub outbound_share: f64,
+    /// Share of messages preceded by a typing signal.
+    #[arg(long, default_value_t = 0.1, help_heading = "Traffic")]
+    pub typing_share: f64,
+    /// Payload sizes: `mixed` (80% texts 64-512 B, 19% media pointers 0.5-2 KiB, 1% 8-64
+    /// KiB) or a fixed byte count (56 to 65536).
+    #[arg(long, default_value = "mixed", help_heading = "Traffic")]
+    pub payload: String,
+    #[arg(long, default_value_t = 3600, help_heading = "Traffic")]
+    pub ttl_s: u32,
+    /// After the traffic, wait until everything arrived, or until nothing moved for this
+    /// many seconds (what is still missing then is lost).
+    #[arg(long, default_value_t = 5.0, help_heading = "Traffic")]
+    pub drain_s: f64,
+    #[arg(long, default_value_t = 1, help_heading = "Traffic")]
+    pub seed: u64,
+
+    // --- modes ---
+    /// Find the highest rate with p99 under --p99-bound-ms (steps of --max-step-s), then
+    /// run the parity check at half that rate (and --overload-factor times it).
+    #[arg(long, help_heading = "Modes")]
+    pub max: bool,
+    #[arg(long, default_value_t = 5.0, help_heading = "Modes")]
+    pub p99_bound_ms: f64,
+    #[arg(long, default_value_t = 2000.0, help_heading = "Modes")]
+    pub max_start: f64,
+    #[arg(long, default_value_t = 5.0, help_heading = "Modes")]
+    pub max_step_s: f64,
+    #[arg(long, default_value_t = 12, help_heading = "Modes")]
+    pub max_steps: usize,
+    /// Stop bisecting when the bracket is this tight (0.05: within 5%).
+    #[arg(long, default_value_t = 0.05, help_heading = "Modes")]
+    pub max_precision: f64,
+    /// Also run an overload phase at this multiple of the rate (of the max with --max; 3
+    /// by default there, off otherwise).
+    #[arg(long, help_heading = "Modes")]
+    pub overload_factor: Option<f64>,
+    /// Connection scale: hold this many idle authenticated device sessions (a network of
+    /// their own) and measure the relay's memory per session and the active traffic's p99
+    /// with and without them.
+    #[arg(long, default_value_t = 0, help_heading = "Modes")]
+    pub idle_conns: u32,
+    /// Source addresses for idle sessions, comma-separated (default: as many of
+    /// 127.0.1.1, 127.0.1.2, ... as the count needs, 25,000 each).
+    #[arg(long, value_delimiter = ',', help_heading = "Modes")]
+    pub idle_sources: Vec<std::net::Ipv4Addr>,
+
+    // --- parity ---
+    /// Which interop traffic the verdict compares with first party: `matched` (both ends
+    /// through server sessions, the path first-party traffic takes) or `all` (device
+    /// sessions too). The report carries both.
+    #[arg(long, default_value = "matched", value_parser = ["matched", "all"], help_heading = "Parity")]
+    pub parity_scope: String,
+    /// Largest interop/first-party latency ratio (p50, p99, p999) that passes.
+    #[arg(long, default_value_t = 1.10, help_heading = "Parity")]
+    pub parity_bound: f64,
+    /// Latencies under this count as this in the ratios (microseconds).
+    #[arg(long, default_value_t = 1000, help_heading = "Parity")]
+    pub parity_floor_us: u64,
+    /// How far interop's delivery ratio may fall below first party's.
+    #[arg(long, default_value_t = 0.0, help_heading = "Parity")]
+    pub parity_delivery_tolerance: f64,
+    /// Samples needed beyond a percentile before it is judged.
+    #[arg(long, default_value_t = 10, help_heading = "Parity")]
+    pub parity_tail_samples: u64,
+
+    // --- output ---
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub json: Option<PathBuf>,
+    /// Write a self-contained HTML report (inline SVG charts).
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub html: Option<PathBuf>,
+    /// Worker threads of loadgen's runtime.
+    #[arg(long, default_value_t = 2, help_heading = "Output")]
+    pub threads: usize,
+
+    /// Test only: make loadgen's receiving path drop (`drop:N`) or duplicate (`dup:N`) every
+    /// Nth envelope delivery, to prove the accounting catches it.
+    #[arg(long, hide = true)]
+    pub fault: Option<String>,
+}

@@ -1,0 +1,705 @@
+//! A whole run: parse and check the arguments, set up the target (spawning a relay with its
+//! own PKI if asked), run the phases of the chosen mode, and write the reports.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::cli::{Cli, Command, RunArgs};
+use crate::machine::{Machine, raise_nofile};
+use crate::maxrate::MaxSearch;
+use crate::parity::{Parity, ParityConfig, Scope};
+use crate::payload::SizeMix;
+use crate::phase::{Ctx, Faults, PhaseResult, PhaseSpec, Traffic};
+use crate::pki::{Identities, NetworkRequest};
+use crate::population::{Population, PopulationSpec};
+use crate::relay_target::Harness;
+use crate::report::{one_line, parity_of, phase_json};
+use crate::spawn::{SpawnedRelay, find_relay_binary};
+
+/// Exit status when something acknowledged was lost, duplicated, reordered or damaged.
+pub const EXIT_INTEGRITY: u8 = 1;
+/// Exit status for setup and usage errors.
+pub const EXIT_SETUP: u8 = 2;
+/// Exit status when the run was intact but parity failed.
+pub const EXIT_PARITY: u8 = 3;
+
+/// A target loadgen can run phases against.
+pub(crate) trait Target {
+    fn run_phase(
+        &self,
+        spec: &PhaseSpec,
+        offline_return: Option<Duration>,
+    ) -> impl std::future::Future<Output = PhaseResult>;
+}
+
+impl Target for Harness {
+    async fn run_phase(&self, spec: &PhaseSpec, offline_return: Option<Duration>) -> PhaseResult {
+        Harness::run_phase(self, spec, offline_return).await
+    }
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Some(Command::TuneCheck { profile }) => {
+            match crate::tune::check(&profile, crate::tune::read_sysctl) {
+                Ok(checks) => {
+                    if crate::tune::print_check(&profile, &checks) == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("loadgen: {e}");
+                    ExitCode::from(EXIT_SETUP)
+                }
+            }
+        }
+        Some(Command::Pki {
+            out,
+            partners,
+            idle_network,
+        }) => match write_pki(&out, partners, idle_network) {
+            Ok(config) => {
+                println!("wrote {}", config.display());
+                println!("start: relay serve --config {}", config.display());
+                println!(
+                    "then:  loadgen --pki {} --partners {partners} ...",
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                ExitCode::from(EXIT_SETUP)
+            }
+        },
+        Some(Command::Compare { reports }) => {
+            let mut loaded = Vec::new();
+            for arg in &reports {
+                let (label, path) = match arg.split_once('=') {
+                    Some((label, path)) => (Some(label.to_string()), path),
+                    None => (None, arg.as_str()),
+                };
+                let text = match std::fs::read_to_string(path) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        eprintln!("loadgen: {path}: {e}");
+                        return ExitCode::from(EXIT_SETUP);
+                    }
+                };
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(v) => {
+                        let label = label
+                            .unwrap_or_else(|| v["target"].as_str().unwrap_or(path).to_string());
+                        loaded.push((label, v));
+                    }
+                    Err(e) => {
+                        eprintln!("loadgen: {path}: {e}");
+                        return ExitCode::from(EXIT_SETUP);
+                    }
+                }
+            }
+            print!("{}", crate::report::compare_table(&loaded));
+            ExitCode::SUCCESS
+        }
+        None => match run(&cli.run) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                ExitCode::from(EXIT_SETUP)
+            }
+        },
+    }
+}
+
+/// Network requests for a population of `partners` partners (and the idle network).
+pub fn network_requests(partners: u32, idle_network: bool) -> Vec<NetworkRequest> {
+    let mut requests = vec![NetworkRequest {
+        id: 1,
+        name: "gatekeeper".into(),
+        server_role: Some("gatekeeper_server"),
+    }];
+    for n in 0..partners {
+        requests.push(NetworkRequest {
+            id: n + 2,
+            name: format!("partner-{}", n + 2),
+            server_role: Some("partner_server"),
+        });
+    }
+    if idle_network {
+        requests.push(NetworkRequest {
+            id: crate::scale::idle_network_id(partners),
+            name: "idle-devices".into(),
+            server_role: None,
+        });
+    }
+    requests
+}
+
+fn write_pki(out: &Path, partners: u32, idle_network: bool) -> Result<PathBuf, String> {
+    let (identities, server) = Identities::generate(&network_requests(partners, idle_network))?;
+    identities.write(&server, out, &out.join("data"), &[])
+}
+
+/// Where the traffic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAddr {
+    Relay(SocketAddr),
+    Mqtt(SocketAddr),
+}
+
+pub fn parse_target(text: &str) -> Result<TargetAddr, String> {
+    let (scheme, rest) = text.split_once("://").unwrap_or(("relay", text));
+    let addr: SocketAddr = rest
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|e| format!("--target {text:?}: {e} (want relay://IP:PORT or mqtt://IP:PORT)"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "--target {text:?}: loadgen only sends to loopback addresses (127.0.0.0/8, ::1)"
+        ));
+    }
+    match scheme {
+        "relay" | "tls" => Ok(TargetAddr::Relay(addr)),
+        "mqtt" => Ok(TargetAddr::Mqtt(addr)),
+        other => Err(format!("--target: unknown scheme {other:?} (relay, mqtt)")),
+    }
+}
+
+fn parse_fault(text: Option<&str>) -> Result<Faults, String> {
+    let Some(text) = text else {
+        return Ok(Faults::default());
+    };
+    let (kind, every) = text
+        .split_once(':')
+        .ok_or_else(|| format!("--fault {text:?}: drop:N or dup:N"))?;
+    let every: u64 = every
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("--fault {text:?}: N must be a positive integer"))?;
+    match kind {
+        "drop" => Ok(Faults {
+            drop_every: every,
+            duplicate_every: 0,
+        }),
+        "dup" | "duplicate" => Ok(Faults {
+            drop_every: 0,
+            duplicate_every: every,
+        }),
+        _ => Err(format!("--fault {text:?}: drop:N or dup:N")),
+    }
+}
+
+fn check_args(args: &RunArgs) -> Result<(), String> {
+    let share = |name: &str, v: f64| {
+        if (0.0..=1.0).contains(&v) {
+            Ok(())
+        } else {
+            Err(format!("--{name}: a share between 0 and 1"))
+        }
+    };
+    share("interop-share", args.interop_share)?;
+    share("outbound-share", args.outbound_share)?;
+    share("typing-share", args.typing_share)?;
+    share("multi-device-share", args.multi_device_share)?;
+    share("offline-share", args.offline_share)?;
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err("--rate: a positive number of messages per second".into());
+    }
+    if args.duration.is_nan() || args.duration <= 0.0 {
+        return Err("--duration: positive seconds".into());
+    }
+    if args.threads == 0 {
+        return Err("--threads: at least 1".into());
+    }
+    if args.parity_bound < 1.0 {
+        return Err("--parity-bound: at least 1.0".into());
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Everything the phases produced.
+pub(crate) struct Outcome {
+    /// (role, result, parity) of each reported phase.
+    pub phases: Vec<(String, PhaseResult, Parity)>,
+    pub main: usize,
+    pub overload: Option<usize>,
+    pub max: Option<MaxSearch>,
+    pub scale: Option<Value>,
+    pub setup: Value,
+    pub relay: Value,
+}
+
+fn run(args: &RunArgs) -> Result<ExitCode, String> {
+    check_args(args)?;
+    let target = parse_target(&args.target)?;
+    let partners = args.partners;
+    let spec = PopulationSpec {
+        partners,
+        users_per_network: args.users,
+        multi_device_share: args.multi_device_share,
+        devices_multi: args.devices_multi,
+        direct_partners: args.direct_partners.unwrap_or(partners / 2),
+        offline_share: args.offline_share,
+        server_connections: args.server_connections,
+        seed: args.seed,
+    };
+    let population = Population::build(&spec)?;
+    let traffic = Traffic {
+        interop_share: args.interop_share,
+        outbound_share: args.outbound_share,
+        typing_share: args.typing_share,
+        sizes: SizeMix::parse(&args.payload)?,
+        ttl_seconds: args.ttl_s,
+    };
+    let faults = parse_fault(args.fault.as_deref())?;
+    let parity_config = ParityConfig {
+        scope: if args.parity_scope == "all" {
+            Scope::All
+        } else {
+            Scope::Matched
+        },
+        bound: args.parity_bound,
+        floor_us: args.parity_floor_us,
+        delivery_tolerance: args.parity_delivery_tolerance,
+        tail_samples: args.parity_tail_samples,
+    };
+    // Every session is a file descriptor, here and in a spawned relay (which inherits the
+    // limit): population sessions, idle sessions, and some slack for each process's own.
+    let sessions = population.direct_devices().count() as u64
+        + u64::from(spec.server_connections) * u64::from(partners + 1);
+    let wanted_files = sessions + u64::from(args.idle_conns) + 200;
+    let nofile = raise_nofile(wanted_files);
+    if nofile < wanted_files {
+        let message = format!(
+            "this run needs about {wanted_files} open files per process ({sessions} population \
+             sessions, {} idle), the limit is {nofile} and could not be raised (the hard limit; \
+             raising it needs root with CAP_SYS_RESOURCE: `ulimit -Hn`, LimitNOFILE)",
+            args.idle_conns
+        );
+        if args.idle_conns > 0 {
+            return Err(format!("--idle-conns: {message}"));
+        }
+        eprintln!("loadgen: warning: {message}");
+    }
+    let machine = Machine::probe();
+    let started_at = unix_now();
+    let population_summary = population.summary();
+    let ctx = Arc::new(Ctx::new(population, traffic, faults, args.seed));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let outcome = match target {
+        TargetAddr::Relay(addr) => run_relay(args, &runtime, ctx.clone(), addr, &parity_config)?,
+        TargetAddr::Mqtt(addr) => {
+            runtime.block_on(crate::mqtt::run(args, ctx.clone(), addr, &parity_config))?
+        }
+    };
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let report = assemble(
+        args,
+        &parity_config,
+        &outcome,
+        &machine,
+        population_summary,
+        started_at,
+        &ctx,
+    );
+    let code = exit_code(&outcome);
+    let mut report = report;
+    if let Some(map) = report.as_object_mut() {
+        map.insert("exit_code".into(), json!(code));
+    }
+    for (_, result, parity) in &outcome.phases {
+        println!("{}", one_line(result, parity));
+    }
+    if let Some(scale) = &outcome.scale {
+        println!("connection scale: {scale}");
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("--json {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.html {
+        let page = crate::html::render(&report, &outcome_curves(&outcome));
+        std::fs::write(path, page).map_err(|e| format!("--html {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn exit_code(outcome: &Outcome) -> u8 {
+    let intact = outcome.phases.iter().all(|(_, r, _)| r.tally.intact());
+    let parity = outcome.phases[outcome.main].2.pass
+        && outcome.overload.is_none_or(|i| outcome.phases[i].2.pass);
+    if !intact {
+        EXIT_INTEGRITY
+    } else if !parity {
+        EXIT_PARITY
+    } else {
+        0
+    }
+}
+
+/// Percentile curves of the main phase's classes, for the HTML report.
+fn outcome_curves(outcome: &Outcome) -> crate::html::Curves {
+    let main = &outcome.phases[outcome.main].1;
+    crate::html::Curves {
+        first_party: crate::stats::percentile_curve(&main.latencies.classes[0]),
+        interop: crate::stats::percentile_curve(&main.latencies.classes[1]),
+    }
+}
+
+fn run_relay(
+    args: &RunArgs,
+    runtime: &tokio::runtime::Runtime,
+    ctx: Arc<Ctx>,
+    addr: SocketAddr,
+    parity: &ParityConfig,
+) -> Result<Outcome, String> {
+    let workdir = std::env::temp_dir().join(format!(
+        "loadgen-{}-{:x}",
+        std::process::id(),
+        crate::rng::os_random_u64() & 0xFFFF_FFFF
+    ));
+    let (addr, identities, spawned) = if args.spawn {
+        let bin = find_relay_binary(args.relay_bin.as_deref())?;
+        let requests = network_requests(args.partners, args.idle_conns > 0);
+        let (identities, server) = Identities::generate(&requests)?;
+        let data = workdir.join("data");
+        let limits: Vec<String> = args
+            .relay_limit
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) => format!("{} = {}", k.trim(), v.trim()),
+                None => l.clone(),
+            })
+            .collect();
+        let config = identities.write(&server, &workdir.join("pki"), &data, &limits)?;
+        let relay = SpawnedRelay::start(
+            &bin,
+            Some(&config),
+            &data,
+            args.relay_cores,
+            args.relay_durability.as_deref(),
+            &workdir.join("relay.log"),
+        )?;
+        (relay.ready.tls, identities, Some(relay))
+    } else {
+        let identities = Identities::load(&args.pki)?;
+        if identities.networks.len() < args.partners as usize + 1 {
+            return Err(format!(
+                "{} has identities for {} networks; --partners {} needs {} (use --partners {}, \
+                 or `loadgen pki --out DIR --partners N` and start the relay with its relay.toml)",
+                args.pki.display(),
+                identities.networks.len(),
+                args.partners,
+                args.partners + 1,
+                identities.networks.len().saturating_sub(1)
+            ));
+        }
+        (addr, identities, None)
+    };
+    let relay_info = match &spawned {
+        Some(r) => {
+            json!({ "spawned": true, "pid": r.pid(), "ready": r.ready, "bin": find_relay_binary(args.relay_bin.as_deref()).ok() })
+        }
+        None => json!({ "spawned": false, "addr": addr }),
+    };
+    let identities = Arc::new(identities);
+    let result = runtime.block_on(async {
+        let harness = Harness::connect(ctx.clone(), addr, identities.clone()).await?;
+        let setup = serde_json::to_value(&harness.setup).unwrap_or(Value::Null);
+        let mut outcome = scenario(&harness, args, parity).await;
+        outcome.setup = setup;
+        if args.idle_conns > 0 {
+            let pid = spawned.as_ref().map(SpawnedRelay::pid);
+            outcome.scale = Some(
+                crate::scale::run(
+                    &harness,
+                    args,
+                    &identities,
+                    addr,
+                    pid,
+                    parity,
+                    &mut outcome.phases,
+                )
+                .await,
+            );
+        }
+        harness.close().await;
+        Ok::<Outcome, String>(outcome)
+    });
+    let mut relay_info = relay_info;
+    if let Some(relay) = spawned {
+        let rss = relay.rss_kib();
+        let log = relay.log.clone();
+        let stopped = relay.stop();
+        if let Some(map) = relay_info.as_object_mut() {
+            map.insert("rss_kib_at_end".into(), json!(rss));
+            map.insert("stopped".into(), json!(stopped));
+        }
+        if result.is_err() {
+            eprintln!("relay log:\n{}", crate::spawn::tail(&log));
+        }
+    }
+    if !args.keep_relay_data {
+        let _ = std::fs::remove_dir_all(&workdir);
+    } else if args.spawn {
+        eprintln!("loadgen: relay data and log kept in {}", workdir.display());
+    }
+    let mut outcome = result?;
+    outcome.relay = relay_info;
+    Ok(outcome)
+}
+
+/// Runs the phases of the chosen mode.
+pub(crate) async fn scenario<T: Target>(
+    target: &T,
+    args: &RunArgs,
+    parity: &ParityConfig,
+) -> Outcome {
+    let drain = Duration::from_secs_f64(args.drain_s);
+    let duration = Duration::from_secs_f64(args.duration);
+    let offline_return = Some(Duration::from_secs_f64(
+        args.offline_return_s.unwrap_or(args.duration / 2.0),
+    ));
+    let phase = |name: &str, rate: f64, duration: Duration| PhaseSpec {
+        name: name.to_string(),
+        rate_per_s: rate,
+        duration,
+        drain,
+    };
+    let warmup_rate = if args.max { args.max_start } else { args.rate };
+    // With --max, offline devices come back during the warmup, so that the steps (and the
+    // parity run) measure a steady state rather than the catch-up of queued messages.
+    let warmup = Duration::from_secs_f64(args.warmup);
+    if args.warmup > 0.0 || args.max {
+        let warmup = warmup.max(Duration::from_secs(1));
+        let spec = phase("warmup", warmup_rate, warmup);
+        let back = args.max.then_some(warmup / 4);
+        let _ = target.run_phase(&spec, back).await;
+    }
+    let mut phases = Vec::new();
+    let mut search = None;
+    let base_rate = if args.max {
+        let mut s = MaxSearch::new(
+            args.max_start,
+            crate::rng::saturating_u64(args.p99_bound_ms * 1000.0),
+            args.max_precision,
+            args.max_steps,
+        );
+        let step = Duration::from_secs_f64(args.max_step_s);
+        let mut n = 0;
+        while let Some(rate) = s.next_rate() {
+            n += 1;
+            let result = target
+                .run_phase(&phase(&format!("step-{n}"), rate, step), None)
+                .await;
+            let all = crate::stats::LatencySummary::of(&result.latencies.all());
+            let total = result.tally.total();
+            let outcome = s.judge(
+                rate,
+                all.p99,
+                result.tally.intact(),
+                total.unsent,
+                total.rejected,
+                result.settled,
+            );
+            if let Some(p) = outcome
+                .held
+                .then_some(())
+                .map(|()| "held")
+                .or(Some("failed"))
+            {
+                eprintln!(
+                    "max: step {n} at {rate:.0}/s: p99 {} {p}",
+                    crate::phase::format_us(all.p99)
+                );
+            }
+            s.observe(outcome);
+            let verdict = parity_of(&result, parity);
+            phases.push(("max-step".to_string(), result, verdict));
+        }
+        let found = s.result().unwrap_or(args.max_start / 2.0);
+        search = Some(s);
+        found * 0.5
+    } else {
+        args.rate
+    };
+    let main_name = if args.max { "parity" } else { "main" };
+    let back = if args.max { None } else { offline_return };
+    let result = target
+        .run_phase(&phase(main_name, base_rate, duration), back)
+        .await;
+    let verdict = parity_of(&result, parity);
+    phases.push(("main".to_string(), result, verdict));
+    let main = phases.len() - 1;
+    let factor = args.overload_factor.or(args.max.then_some(3.0));
+    let mut overload = None;
+    if let Some(factor) = factor {
+        let rate = if args.max {
+            base_rate * 2.0 * factor
+        } else {
+            base_rate * factor
+        };
+        let result = target
+            .run_phase(&phase("overload", rate, duration), None)
+            .await;
+        let verdict = parity_of(&result, parity);
+        phases.push(("overload".to_string(), result, verdict));
+        overload = Some(phases.len() - 1);
+    }
+    Outcome {
+        phases,
+        main,
+        overload,
+        max: search,
+        scale: None,
+        setup: Value::Null,
+        relay: Value::Null,
+    }
+}
+
+fn assemble(
+    args: &RunArgs,
+    parity_config: &ParityConfig,
+    outcome: &Outcome,
+    machine: &Machine,
+    population: Value,
+    started_at: u64,
+    ctx: &Ctx,
+) -> Value {
+    let (_, main, main_parity) = &outcome.phases[outcome.main];
+    let mut report = phase_json(main, main_parity, parity_config, true);
+    let intact = outcome.phases.iter().all(|(_, r, _)| r.tally.intact());
+    let overload = outcome.overload.map(|i| {
+        let (_, r, p) = &outcome.phases[i];
+        phase_json(r, p, parity_config, true)
+    });
+    let max = outcome.max.as_ref().map(|s| {
+        json!({
+            "rate_per_s": s.result(),
+            "p99_bound_us": s.p99_bound_us,
+            "precision": s.precision,
+            "steps": s.steps,
+            "parity_rate_per_s": main.spec.rate_per_s,
+        })
+    });
+    let phases: Vec<Value> = outcome
+        .phases
+        .iter()
+        .map(|(role, r, p)| {
+            let mut v = phase_json(r, p, parity_config, false);
+            if let Some(map) = v.as_object_mut() {
+                map.insert("role".into(), json!(role));
+            }
+            v
+        })
+        .collect();
+    let parity_pass = main_parity.pass && outcome.overload.is_none_or(|i| outcome.phases[i].2.pass);
+    if let Some(map) = report.as_object_mut() {
+        map.insert("loadgen_version".into(), json!(env!("CARGO_PKG_VERSION")));
+        map.insert("target".into(), json!(args.target));
+        map.insert("mode".into(), json!(if args.max { "max" } else { "fixed" }));
+        map.insert("started_at_unix".into(), json!(started_at));
+        map.insert("overload".into(), overload.unwrap_or(Value::Null));
+        map.insert("max".into(), max.unwrap_or(Value::Null));
+        map.insert(
+            "connection_scale".into(),
+            outcome.scale.clone().unwrap_or(Value::Null),
+        );
+        map.insert("phases".into(), json!(phases));
+        map.insert("population".into(), population);
+        map.insert("setup".into(), outcome.setup.clone());
+        map.insert("relay".into(), outcome.relay.clone());
+        map.insert("machine".into(), json!(machine));
+        map.insert("config".into(), config_json(args, ctx));
+        map.insert("pass".into(), json!(intact && parity_pass));
+        map.insert("integrity_pass".into(), json!(intact));
+        map.insert("parity_pass".into(), json!(parity_pass));
+    }
+    report
+}
+
+fn config_json(args: &RunArgs, ctx: &Ctx) -> Value {
+    json!({
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "target": args.target,
+        "spawn": args.spawn,
+        "relay_cores": args.relay_cores,
+        "relay_durability": args.relay_durability,
+        "relay_limits": args.relay_limit,
+        "population": ctx.population.spec,
+        "traffic": ctx.traffic,
+        "rate_per_s": args.rate,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "drain_s": args.drain_s,
+        "offline_return_s": args.offline_return_s.unwrap_or(args.duration / 2.0),
+        "max": args.max,
+        "p99_bound_ms": args.p99_bound_ms,
+        "max_start": args.max_start,
+        "max_step_s": args.max_step_s,
+        "max_steps": args.max_steps,
+        "overload_factor": args.overload_factor,
+        "idle_conns": args.idle_conns,
+        "parity": {
+            "scope": args.parity_scope,
+            "bound": args.parity_bound,
+            "floor_us": args.parity_floor_us,
+            "delivery_tolerance": args.parity_delivery_tolerance,
+            "tail_samples": args.parity_tail_samples,
+        },
+        "threads": args.threads,
+        "seed": args.seed,
+        "faults": ctx.faults,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_stay_on_loopback() {
+        assert_eq!(
+            parse_target("relay://127.0.0.1:7700").unwrap(),
+            TargetAddr::Relay("127.0.0.1:7700".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target("127.0.0.2:1").unwrap(),
+            TargetAddr::Relay("127.0.0.2:1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target("mqtt://127.0.0.1:1883").unwrap(),
+            TargetAddr::Mqtt("127.0.0.1:1883".parse().unwrap())
+        );
+        assert!(parse_target("mqtt://10.0.0.1:1883").is_err());
+        assert!(parse_target("http://127.0.0.1:1").is_err());
+        assert!(parse_target("relay://localhost").is_err());
+    }
+
+    #[test]
+    fn faults_parse() {
+        assert_eq!(parse_fault(Some("drop:7")).unwrap().drop_every, 7);
+        assert_eq!(parse_fault(Some("dup:3")).unwrap().duplicate_every, 3);
+        assert!(parse_fault(Some("drop:0")).is_err());
+        assert!(parse_fault(Some("lose:1")).is_err());
+        assert_eq!(parse_fault(None).unwrap().drop_every, 0);
+    }
+}
