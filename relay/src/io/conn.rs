@@ -30,6 +30,10 @@ use crate::core::{ConnId, Principal};
 /// little.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
+/// A connection starts with a small read buffer, so that an idle one holds little; it
+/// doubles (up to `READ_BUFFER_BYTES`) each time a read fills it.
+const READ_BUFFER_BYTES_MIN: usize = 2 * 1024;
+
 /// Chunks handed to rustls in one vectored write.
 const WRITE_SLICES_MAX: usize = 64;
 
@@ -322,7 +326,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
 }
 
 async fn read_loop(core: &Core, conn: &Conn) {
-    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN];
     let mut decoder = FrameDecoder::with_capacity(0);
     let mut events = Vec::new();
     let pending_max = core.shared.limits.connection_pending_bytes_max as usize;
@@ -353,6 +357,9 @@ async fn read_loop(core: &Core, conn: &Conn) {
         if peer_closed {
             return;
         }
+        if read == buf.len() && buf.len() < READ_BUFFER_BYTES {
+            buf = vec![0u8; buf.len() * 2];
+        }
         // Back-pressure: stop reading while this client has too much waiting to be written.
         while conn.out.borrow().bytes > pending_max && !conn.closing.get() {
             conn.drained.notified().await;
@@ -361,7 +368,8 @@ async fn read_loop(core: &Core, conn: &Conn) {
 }
 
 async fn write_loop(core: Rc<Core>, conn: Rc<Conn>) {
-    let mut spare: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+    // Grows with the first write; an idle connection keeps what its last turn needed.
+    let mut spare: Vec<u8> = Vec::new();
     let mut close_notify_sent = false;
     loop {
         let mut tls_out = std::mem::take(&mut spare);
