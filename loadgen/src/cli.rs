@@ -181,10 +181,11 @@ pub struct RunArgs {
     pub idle_sources: Vec<std::net::Ipv4Addr>,
 
     // --- parity ---
-    /// Which interop traffic the verdict compares with first party: `matched` (both ends
-    /// through server sessions, the path first-party traffic takes) or `all` (device
-    /// sessions too). The report carries both.
-    #[arg(long, default_value = "matched", value_parser = ["matched", "all"], help_heading = "Parity")]
+    /// Which interop traffic the verdict compares with first party: `all` (every interop
+    /// message, as the regulator's KPIs count them) or `matched` (only interop whose both
+    /// ends go through server sessions, the path first-party traffic takes). The report
+    /// carries both.
+    #[arg(long, default_value = "all", value_parser = ["matched", "all"], help_heading = "Parity")]
     pub parity_scope: String,
     /// Largest interop/first-party latency ratio (p50, p99, p999) that passes.
     #[arg(long, default_value_t = 1.10, help_heading = "Parity")]
