@@ -1,6 +1,6 @@
 //! Article 7 Relay: the server.
 //!
-//! `core` holds the sans-IO state machines (session, shard, queues, auth); `io` the thread-per-
+//! `core` holds the sans-IO state machines (session, shard, queues, auth, the log); `io` the thread-per-
 //! core shell that drives them over TLS sockets; `config` and `pki` what `relay serve` starts
 //! from; `metrics` what `/metrics` exports.
 
