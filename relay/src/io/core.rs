@@ -289,7 +289,11 @@ impl Core {
                         );
                         self.metrics().storage_failed.store(1, Ordering::Relaxed);
                         self.shard.borrow_mut().on_log_failed();
-                        open = None;
+                        self.drain_shard();
+                        self.flush().await;
+                        // Nothing more is written: the tail of the segment is in an unknown
+                        // state, and recovery (after a restart) is what sorts it out.
+                        return;
                     }
                 }
                 let deletions = self.shard.borrow_mut().take_log_deletions();
