@@ -434,7 +434,11 @@ fn run(seed: u64) -> Result<(), String> {
 fn seeded_schedules_keep_every_invariant() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("SIM_SEED must be a number")],
-        Err(_) => (1..=200).collect(),
+        Err(_) => (1..=std::env::var("SIM_SEEDS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(200))
+            .collect(),
     };
     for seed in seeds {
         if let Err(failure) = run(seed) {

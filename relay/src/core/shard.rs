@@ -259,6 +259,24 @@ impl<Q: DeviceQueue> Shard<Q> {
         }
     }
 
+    /// Whether a load asked for earlier is still wanted: the frame may have been released
+    /// (and its segment deleted) since.
+    pub fn wants_load(&self, device: &DeviceAddress, seq: u64) -> bool {
+        self.device(device).is_some_and(|d| {
+            let mut index = 0;
+            while let Some(item) = d.queue.get(index) {
+                if item.seq == seq {
+                    return item.frame.is_none() && item.loading;
+                }
+                if item.seq > seq {
+                    return false;
+                }
+                index += 1;
+            }
+            false
+        })
+    }
+
     /// A frame read back from the log (`None`: the read failed).
     pub fn on_loaded(&mut self, device: DeviceAddress, seq: u64, frame: Option<Bytes>) {
         let Some(dev) = self
@@ -703,6 +721,46 @@ impl<Q: DeviceQueue> Shard<Q> {
             }
         }
         set
+    }
+
+    /// Checks the log's bookkeeping against the queues: every queued frame's segment exists,
+    /// and each segment's live and spilled counts are the frames that point at it. For tests
+    /// (the simulations call it after every step); `Err` says what disagrees.
+    pub fn audit_log(&self) -> Result<(), String> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let mut live: std::collections::BTreeMap<u64, (u64, u64)> =
+            std::collections::BTreeMap::new();
+        for (user, state) in &self.users {
+            for dev in &state.devices {
+                let mut index = 0;
+                while let Some(item) = dev.queue.get(index) {
+                    if !log.segments().contains_key(&item.segment) {
+                        return Err(format!(
+                            "{} seq {} points at segment {}, which is gone",
+                            user.device(dev.id),
+                            item.seq,
+                            item.segment
+                        ));
+                    }
+                    let counts = live.entry(item.segment).or_default();
+                    counts.0 += 1;
+                    if item.frame.is_none() {
+                        counts.1 += 1;
+                    }
+                    index += 1;
+                }
+            }
+        }
+        for (id, stats) in log.segments() {
+            let (frames, spilled) = live.get(id).copied().unwrap_or_default();
+            if stats.live_frames != frames || stats.spilled != spilled {
+                return Err(format!(
+                    "segment {id}: counts {} live, {} spilled; queues hold {frames} and {spilled}",
+                    stats.live_frames, stats.spilled
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// (seq, id, frame) of every frame queued for a device, in order (for tests and tools).

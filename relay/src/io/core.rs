@@ -334,8 +334,13 @@ impl Core {
                     break;
                 }
                 for (device, seq, segment, offset, len) in batch {
+                    if !self.shard.borrow().wants_load(&device, seq) {
+                        continue;
+                    }
                     let frame = match read_frame(&dir, &mut files, segment, offset, len).await {
                         Ok(bytes) => Some(bytes),
+                        // Released (and its segment deleted) while the read was in flight.
+                        Err(_) if !self.shard.borrow().wants_load(&device, seq) => continue,
                         Err(e) => {
                             tracing::error!(
                                 shard = self.index,
