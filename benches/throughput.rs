@@ -254,19 +254,30 @@ fn relay_run(measure: Duration, users: u32, durability: Durability) -> Run {
             let s = stop.clone();
             tasks.push(tokio::spawn(async move {
                 while !s.load(Ordering::Relaxed) {
-                    let Ok(Ok(event)) =
-                        tokio::time::timeout(Duration::from_millis(200), p_recv.next_event()).await
+                    // Frames read in place (no owned events): the load client should cost the
+                    // shared cores as little as it can.
+                    let Ok(Ok(Some(frame))) =
+                        tokio::time::timeout(Duration::from_millis(200), p_recv.next_frame()).await
                     else {
                         continue;
                     };
-                    if let Event::Delivery { device, inner, .. } = event
-                        && let Some(id) = inner.ack_id()
-                    {
-                        p_send.ack(id, device).await.unwrap();
-                        d.fetch_add(1, Ordering::Relaxed);
-                        if p_recv.buffered_len() == 0 {
-                            p_send.flush().await.unwrap();
-                        }
+                    let Ok(view) = frame.decode() else { continue };
+                    let HeaderRef::Delivery(delivery) = view.header else {
+                        continue;
+                    };
+                    let device = delivery.device.get();
+                    let Ok(Some(inner)) = view.delivery_inner() else {
+                        continue;
+                    };
+                    let id = match inner.header {
+                        HeaderRef::Envelope(e) => e.message_id.get(),
+                        HeaderRef::Receipt(r) => r.receipt_id.get(),
+                        _ => continue,
+                    };
+                    p_send.ack(id, device).await.unwrap();
+                    d.fetch_add(1, Ordering::Relaxed);
+                    if p_recv.buffered_len() == 0 {
+                        p_send.flush().await.unwrap();
                     }
                 }
             }));
@@ -284,14 +295,16 @@ fn relay_run(measure: Duration, users: u32, durability: Durability) -> Run {
             let (a, s, f) = (accepted.clone(), stop.clone(), in_flight.clone());
             tasks.push(tokio::spawn(async move {
                 while !s.load(Ordering::Relaxed) {
-                    let Ok(Ok(event)) =
-                        tokio::time::timeout(Duration::from_millis(200), g_recv.next_event()).await
+                    let Ok(Ok(Some(frame))) =
+                        tokio::time::timeout(Duration::from_millis(200), g_recv.next_frame()).await
                     else {
                         continue;
                     };
-                    if let Event::Ack(ack) = event {
+                    if let Ok(view) = frame.decode()
+                        && let HeaderRef::Ack(ack) = view.header
+                    {
                         f.fetch_sub(1, Ordering::Relaxed);
-                        if matches!(ack.status, AckStatus::Accepted) {
+                        if matches!(ack.status, ArchivedAckStatus::Accepted) {
                             a.fetch_add(1, Ordering::Relaxed);
                         }
                     }

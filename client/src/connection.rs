@@ -582,6 +582,32 @@ impl Receiver {
         Ok(event)
     }
 
+    /// The next frame exactly as the relay sent it, for callers that read headers in place
+    /// (`Frame::decode`, zero-copy) rather than as owned [`Event`]s: nothing is allocated per
+    /// frame. `None` at a clean end of stream. Frames come in order whichever of this and
+    /// [`Receiver::next_event`] takes them.
+    pub async fn next_frame(&mut self) -> Result<Option<Frame>, ClientError> {
+        if self.state == ReadState::Ended {
+            return Err(ClientError::Closed);
+        }
+        match self.read_frame().await {
+            Ok(None) => {
+                self.state = ReadState::Ended;
+                Ok(None)
+            }
+            Err(error) => {
+                if matches!(
+                    error,
+                    ClientError::Io(_) | ClientError::Tls(_) | ClientError::CertificateRejected(_)
+                ) {
+                    self.state = ReadState::Ended;
+                }
+                Err(error)
+            }
+            frame => frame,
+        }
+    }
+
     /// Bytes received and not yet returned as events.
     pub fn buffered_len(&self) -> usize {
         self.decoder.buffered_len()

@@ -934,3 +934,59 @@ async fn split_halves_send_and_receive_concurrently() {
     })
     .await;
 }
+
+/// `next_frame` hands out the same frames `next_event` would, unconverted and in order, and
+/// both can be mixed on one receiver.
+#[tokio::test]
+async fn raw_frames_come_in_order_and_mix_with_events() {
+    bounded(async {
+        let (wire, expected) = relay_script();
+        let (mut connection, server) = session(move |mut conn| async move {
+            conn.write_in_pieces(&wire, &[3, 17, 1, 100]).await;
+            conn.close().await;
+        })
+        .await;
+        let (_send, mut recv) = connection.into_split();
+        // The first two as raw frames, the rest as events.
+        for want in &expected[..2] {
+            let frame = recv
+                .next_frame()
+                .await
+                .expect("frame")
+                .expect("not the end");
+            let view = frame.decode().expect("valid");
+            let HeaderRef::Ack(ack) = view.header else {
+                panic!("not an ack: {:?}", view.kind())
+            };
+            let Event::Ack(expected_ack) = want else {
+                unreachable!()
+            };
+            assert_eq!(ack.message_id.get(), expected_ack.message_id);
+        }
+        let frame = recv
+            .next_frame()
+            .await
+            .expect("frame")
+            .expect("not the end");
+        let view = frame.decode().expect("valid");
+        let HeaderRef::Delivery(delivery) = view.header else {
+            panic!("not a delivery")
+        };
+        assert_eq!(delivery.device.get(), device(2, 0x2002, 1));
+        let inner = view
+            .delivery_inner()
+            .expect("inner")
+            .expect("a delivery has one");
+        let HeaderRef::Envelope(envelope) = inner.header else {
+            panic!("not an envelope")
+        };
+        assert_eq!(envelope.message_id.get(), MessageId(0xE1));
+        for want in &expected[3..] {
+            assert_eq!(&recv.next_event().await.expect("event"), want);
+        }
+        assert!(recv.next_frame().await.expect("clean end").is_none());
+        assert!(matches!(recv.next_frame().await, Err(ClientError::Closed)));
+        server.await.expect("server task");
+    })
+    .await;
+}
