@@ -941,7 +941,7 @@ async fn split_halves_send_and_receive_concurrently() {
 async fn raw_frames_come_in_order_and_mix_with_events() {
     bounded(async {
         let (wire, expected) = relay_script();
-        let (mut connection, server) = session(move |mut conn| async move {
+        let (connection, server) = session(move |mut conn| async move {
             conn.write_in_pieces(&wire, &[3, 17, 1, 100]).await;
             conn.close().await;
         })
