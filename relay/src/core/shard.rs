@@ -1036,7 +1036,7 @@ impl<Q: DeviceQueue> Shard<Q> {
                     self.offline.insert(address);
                 }
             }
-            self.spill();
+            // No spilling here: these frames are not stored yet; the next commit spills.
         }
         self.dedup.insert(now_ms, routed.sender, routed.id);
         self.stats.accepted += 1;
