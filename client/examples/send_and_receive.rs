@@ -2,8 +2,13 @@
 //! relay started with its embedded defaults.
 //!
 //! ```text
-//! cargo run -p client --example send_and_receive -- [--data-dir ./relay-data] [--addr 127.0.0.1:7700]
+//! cargo run -p client --example send_and_receive -- [--data-dir ./relay-data] [--addr 127.0.0.1:7700] [--api 127.0.0.1:7780]
 //! ```
+//!
+//! First, each network enlists its user through the control API (`--api`, with the same
+//! certificates): a consent record signed with the network's key, the user's devices and a
+//! location attestation inside the EEA. Without it the relay refuses cross-network traffic
+//! (`SENDER_NOT_ENLISTED`, `RECIPIENT_NOT_ENLISTED`).
 //!
 //! Connects twice: as the gatekeeper's server (network 1, `gatekeeper.pem`) and as the demo
 //! partner's server (network 2, `partner.pem`), both from the relay's dev PKI in
@@ -18,6 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use client::control::{ControlClient, sign_consent, user_hex};
 use client::{
     AckStatus, ClientError, ClientTls, ConnectOptions, Connection, ContentType, DeviceId,
     DeviceList, DeviceSelection, E2eProtocol, Envelope, ErrorCode, Event, Inbound, MessageId,
@@ -30,12 +36,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 struct Args {
     data_dir: PathBuf,
     addr: SocketAddr,
+    api: SocketAddr,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         data_dir: PathBuf::from("./relay-data"),
         addr: SocketAddr::from(([127, 0, 0, 1], 7700)),
+        api: SocketAddr::from(([127, 0, 0, 1], 7780)),
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
@@ -55,9 +63,13 @@ fn parse_args() -> Result<Args, String> {
                 let text = value()?;
                 args.addr = text.parse().map_err(|e| format!("--addr {text:?}: {e}"))?;
             }
+            "--api" => {
+                let text = value()?;
+                args.api = text.parse().map_err(|e| format!("--api {text:?}: {e}"))?;
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: send_and_receive [--data-dir ./relay-data] [--addr 127.0.0.1:7700]"
+                    "usage: send_and_receive [--data-dir ./relay-data] [--addr 127.0.0.1:7700] [--api 127.0.0.1:7780]"
                 );
                 std::process::exit(0);
             }
@@ -186,12 +198,47 @@ async fn declare_devices(
     wait_for_ack(connection, who, request_id).await
 }
 
+/// Enlists `user` (device 1) through the control API as its network (`stem` names the
+/// network's files in the dev PKI): the opt-in signed with the network's key, reachable by
+/// everyone, located in Germany now.
+async fn enlist(args: &Args, stem: &str, user: UserAddress) -> Result<(), Box<dyn Error>> {
+    let pki = args.data_dir.join("pki");
+    let (cert, key) = (
+        pki.join(format!("{stem}.pem")),
+        pki.join(format!("{stem}.key")),
+    );
+    let tls =
+        ClientTls::from_pem_files(&pki.join("ca.pem"), Some((cert.as_path(), key.as_path())))?;
+    let api = ControlClient::new(args.api, tls, "localhost")?;
+    let network_key = std::fs::read(pki.join(format!("{stem}-token.pk8")))?;
+    let at = now_ms();
+    let signature = sign_consent(&network_key, &user, at, "everyone", true)?;
+    let body = serde_json::json!({
+        "consent": {"opted_in_at_ms": at, "model": "everyone", "discoverable": true, "signature": signature},
+        "devices": [1],
+        "location": {"country": "DE", "observed_at_ms": at},
+    });
+    let path = format!("/v1/users/{}/{}", user.network.0, user_hex(&user));
+    let response = api.put(&path, &body).await?;
+    if !response.is_success() {
+        return Err(format!(
+            "{stem}: enlisting {user} failed: HTTP {} {}",
+            response.status, response.body
+        )
+        .into());
+    }
+    println!("{stem}: enlisted {user} (consent signed, devices [1], located in DE)");
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
     let gatekeeper_user = UserAddress::new(NetworkId(1), UserId(0x1001));
     let gatekeeper_device = gatekeeper_user.device(DeviceId(1));
     let partner_user = UserAddress::new(NetworkId(2), UserId(0x2002));
+    enlist(&args, "gatekeeper", gatekeeper_user).await?;
+    enlist(&args, "partner", partner_user).await?;
 
     let mut partner = connect_as(&args, Role::PartnerServer, "partner.pem", "partner.key").await?;
     let mut gatekeeper = connect_as(

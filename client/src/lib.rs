@@ -40,6 +40,7 @@
 //! Frame and id types come from the [`codec`] crate, re-exported here.
 
 mod connection;
+pub mod control;
 mod error;
 mod event;
 mod tls;

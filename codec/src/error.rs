@@ -3,7 +3,7 @@
 //!
 //! Codes never change meaning and are never reused. Ranges: 1xx the bytes of a frame, 2xx the
 //! session (handshake, authentication, who may send what), 3xx routing, 4xx flow control
-//! (retryable), 5xx the relay itself. `docs/protocol.md` lists what each side does on each.
+//! (retryable), 5xx the relay itself, 6xx the control API's requests. `docs/protocol.md` lists what each side does on each.
 
 use core::fmt;
 
@@ -113,6 +113,21 @@ error_codes! {
     MessageExpired = 303, "MESSAGE_EXPIRED", retryable: false;
     /// The user already has `devices_per_user_max` devices; a new one cannot be added.
     DeviceLimit = 304, "DEVICE_LIMIT", retryable: false;
+    /// The recipient has not opted in to interoperability (or has opted out).
+    RecipientNotEnlisted = 305, "RECIPIENT_NOT_ENLISTED", retryable: false;
+    /// The sending user has not opted in to interoperability (or has opted out).
+    SenderNotEnlisted = 306, "SENDER_NOT_ENLISTED", retryable: false;
+    /// The recipient's consent model asks them to accept a message request first; the
+    /// request is recorded and nothing is delivered until it is accepted.
+    MessageRequestPending = 307, "MESSAGE_REQUEST_PENDING", retryable: false;
+    /// The recipient does not meet the location rule (EEA) right now.
+    RecipientOutsideRegion = 308, "RECIPIENT_OUTSIDE_REGION", retryable: false;
+    /// The sending user does not meet the location rule (EEA) right now.
+    SenderOutsideRegion = 309, "SENDER_OUTSIDE_REGION", retryable: false;
+    /// The sender's or the recipient's network is suspended.
+    PartnerSuspended = 310, "PARTNER_SUSPENDED", retryable: false;
+    /// A network in `testing` reaches, and is reached by, test users only.
+    PartnerTesting = 311, "PARTNER_TESTING", retryable: false;
 
     /// A recipient device's queue is at its bound; retry after the hinted delay.
     QueueFull = 400, "QUEUE_FULL", retryable: true;
@@ -127,6 +142,35 @@ error_codes! {
     StorageUnavailable = 501, "STORAGE_UNAVAILABLE", retryable: true;
     /// The relay is shutting down; reconnect to another node or later.
     ShuttingDown = 502, "SHUTTING_DOWN", retryable: true;
+
+    /// A control-API request body or parameter is malformed (bad JSON, a missing field).
+    RequestMalformed = 600, "REQUEST_MALFORMED", retryable: false;
+    /// The endpoint is for the relay's operator; the client certificate is not an operator's.
+    OperatorRequired = 601, "OPERATOR_REQUIRED", retryable: false;
+    /// The resource belongs to another network than the caller's.
+    ForeignResource = 602, "FOREIGN_RESOURCE", retryable: false;
+    /// No such resource, or none the caller may see (the two are never told apart).
+    NotFound = 603, "NOT_FOUND", retryable: false;
+    /// Enlistment without a consent record.
+    ConsentRequired = 604, "CONSENT_REQUIRED", retryable: false;
+    /// The consent record does not verify, names another user, or its time is off.
+    ConsentInvalid = 605, "CONSENT_INVALID", retryable: false;
+    /// A user-visible identifier is malformed (e.g. a phone number that is not E.164).
+    IdentifierInvalid = 606, "IDENTIFIER_INVALID", retryable: false;
+    /// The user-visible identifier belongs to another user.
+    IdentifierTaken = 607, "IDENTIFIER_TAKEN", retryable: false;
+    /// A bulk discovery request lists more identifiers than allowed.
+    DiscoveryBatchTooLarge = 608, "DISCOVERY_BATCH_TOO_LARGE", retryable: false;
+    /// The resource exists already (a partner id, a certificate in use).
+    AlreadyExists = 609, "ALREADY_EXISTS", retryable: false;
+    /// A suspension without a statutory ground, or a status change without a reason.
+    GroundRequired = 610, "GROUND_REQUIRED", retryable: false;
+    /// Key material is malformed (wrong length, bad encoding, duplicate id).
+    KeysInvalid = 611, "KEYS_INVALID", retryable: false;
+    /// The message request was already accepted or refused.
+    RequestDecided = 612, "REQUEST_DECIDED", retryable: false;
+    /// The request body is larger than the API accepts.
+    BodyTooLarge = 613, "BODY_TOO_LARGE", retryable: false;
 }
 
 impl ErrorCode {

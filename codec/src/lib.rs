@@ -16,6 +16,7 @@
 //! has a named limit in [`limits`], checked before anything is read or allocated.
 //! `docs/protocol.md` is the normative description; this crate implements it.
 
+pub mod consent;
 pub mod decode;
 pub mod encode;
 pub mod error;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use codec::{NetworkId, Role};
 use serde::Deserialize;
 
+use crate::control::InteropSettings;
 use crate::core::auth::NetworkEntry;
 use crate::core::log::Durability;
 use crate::limits::RelayLimits;
@@ -25,6 +26,8 @@ struct ConfigFile {
     limits: RelayLimits,
     #[serde(default)]
     networks: Vec<NetworkFile>,
+    #[serde(default)]
+    interop: InteropSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +82,8 @@ pub struct Config {
     pub tls: Option<TlsPaths>,
     /// `None`: the development PKI's two networks.
     pub networks: Option<Vec<NetworkEntry>>,
+    /// The control plane and the interop rules.
+    pub interop: InteropSettings,
 }
 
 /// The most cores (and shards) one relay runs.
@@ -97,6 +102,7 @@ impl Config {
             tls: None,
             limits: RelayLimits::default(),
             networks: Vec::new(),
+            interop: InteropSettings::default(),
         })
         .unwrap_or_else(|e| unreachable!("the embedded defaults are valid: {e}"))
     }
@@ -114,6 +120,7 @@ impl Config {
 
     fn from_file(file: ConfigFile) -> Result<Config, String> {
         file.limits.validate()?;
+        file.interop.validate()?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let available = u16::try_from(cpus).unwrap_or(CORES_MAX).min(CORES_MAX);
         let cores = match file.cores {
@@ -161,6 +168,7 @@ impl Config {
             limits: file.limits,
             tls,
             networks,
+            interop: file.interop,
         })
     }
 
@@ -178,6 +186,21 @@ impl Config {
                 Ok((tls, pki.networks()?))
             }
         }
+    }
+}
+
+impl Config {
+    /// SHA-256 of the development PKI's operator certificate, when the PKI is in use.
+    pub fn dev_operators(&self) -> Vec<[u8; 32]> {
+        if self.tls.is_some() {
+            return Vec::new();
+        }
+        DevPki {
+            dir: self.data_dir.join("pki"),
+        }
+        .operator_fingerprint()
+        .into_iter()
+        .collect()
     }
 }
 

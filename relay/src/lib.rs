@@ -5,9 +5,11 @@
 //! `pki` what `relay serve` starts from; `metrics` and `http` what `/metrics` exports.
 
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod http;
 pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod pki;
+pub mod server;

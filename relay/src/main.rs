@@ -2,13 +2,13 @@
 //! codes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 use relay::config::Config;
-use relay::http::HttpServer;
-use relay::io::Relay;
+use relay::server::Server;
+
+mod partner_cli;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -47,14 +47,29 @@ enum Command {
         /// Overrides `durability`: memory, os or fsync (the default).
         #[arg(long, value_name = "LEVEL")]
         durability: Option<String>,
+        /// Overrides `interop.enforce`: `enforce` (the default) applies the interop rules
+        /// (consent, location, partner status) to every cross-network frame; `off` is for
+        /// lab runs that measure the data plane alone.
+        #[arg(long, value_name = "MODE")]
+        policy: Option<String>,
     },
     /// List the protocol's error codes: number, name, whether retrying may help.
     Codes,
+    /// The partner registry of a running relay (operator certificate): list, show, add,
+    /// status.
+    Partner(partner_cli::PartnerArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Partner(args) => match partner_cli::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay partner: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Codes => {
             for code in codec::ErrorCode::ALL {
                 let retry = if code.is_retryable() {
@@ -73,6 +88,7 @@ fn main() -> std::process::ExitCode {
             listen,
             http_listen,
             durability,
+            policy,
         } => {
             init_logging();
             let loaded = match &config {
@@ -113,6 +129,16 @@ fn main() -> std::process::ExitCode {
                     }
                 };
             }
+            if let Some(mode) = policy {
+                config.interop.enforce = match mode.as_str() {
+                    "enforce" => true,
+                    "off" => false,
+                    other => {
+                        eprintln!("relay: --policy: {other:?} is not one of enforce, off");
+                        return std::process::ExitCode::from(2);
+                    }
+                };
+            }
             match serve(&config) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
@@ -137,31 +163,21 @@ fn init_logging() {
 }
 
 fn serve(config: &Config) -> Result<(), String> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?;
-    let relay = Relay::start(config)?;
-    let shared = relay.shared.clone();
-    let durability = config.durability.name();
-    let render =
-        Arc::new(move || relay::metrics::render(&shared.metrics, &shared.connections, durability));
-    let http = match HttpServer::start(config.http_listen, render) {
-        Ok(http) => http,
-        Err(e) => {
-            relay.stop();
-            return Err(e);
-        }
-    };
+    let server = Server::start(config)?;
+    let settings = &server.control.settings;
     println!(
-        "relay ready tls={} http={} cores={} durability={durability} data={}",
-        relay.listen,
-        http.addr,
+        "relay ready tls={} http={} cores={} durability={} data={} policy={} location={}",
+        server.relay.listen,
+        server.http.addr,
         config.cores,
-        config.data_dir.display()
+        config.durability.name(),
+        config.data_dir.display(),
+        if settings.enforce { "enforce" } else { "off" },
+        settings.location.describe(),
     );
     wait_for_signal();
     tracing::info!("stopping: no new connections; flushing open sessions");
-    relay.stop();
-    http.stop();
+    server.stop();
     tracing::info!("stopped");
     Ok(())
 }

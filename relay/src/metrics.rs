@@ -81,6 +81,7 @@ impl CoreMetrics {
             s.ram_bytes,
             s.spilled,
             s.loads,
+            s.purged,
         ];
         for (slot, value) in self.shard.iter().zip(values) {
             slot.store(value, Ordering::Relaxed);
@@ -104,11 +105,12 @@ impl CoreMetrics {
             ram_bytes: v(10),
             spilled: v(11),
             loads: v(12),
+            purged: v(13),
         }
     }
 }
 
-const SHARD_FIELDS: usize = 13;
+const SHARD_FIELDS: usize = 14;
 
 const SHARD_NAMES: [(&str, &str, &str); SHARD_FIELDS] = [
     (
@@ -171,6 +173,11 @@ const SHARD_NAMES: [(&str, &str, &str); SHARD_FIELDS] = [
         "relay_shard_loads_total",
         "counter",
         "Spilled frames read back from the log for delivery",
+    ),
+    (
+        "relay_shard_purged_total",
+        "counter",
+        "Queued frames deleted because their recipient opted out of interop",
     ),
 ];
 

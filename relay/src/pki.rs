@@ -1,6 +1,7 @@
 //! The development PKI `relay serve` creates on first start: a CA, the relay's server
 //! certificate, client certificates for a gatekeeper network and a demo partner network, and
-//! an Ed25519 device-token key for each. Real deployments configure their own (see
+//! an Ed25519 device-token key for each (it also signs their users' consent records), and
+//! the operator's client certificate for the control API. Real deployments configure their own (see
 //! `config.rs`); this exists so the README's run command works on a fresh machine.
 
 use std::fs;
@@ -50,6 +51,17 @@ impl DevPki {
     pub fn server_key(&self) -> PathBuf {
         self.dir.join("relay.key")
     }
+    /// The operator's client certificate, for the control API's operator endpoints.
+    pub fn operator_cert(&self) -> PathBuf {
+        self.dir.join("operator.pem")
+    }
+
+    /// SHA-256 of the operator certificate, if this PKI has one (PKIs made before the
+    /// control plane existed do not: delete `pki/` to have it made again).
+    pub fn operator_fingerprint(&self) -> Option<[u8; 32]> {
+        let cert = CertificateDer::from_pem_file(self.operator_cert()).ok()?;
+        Some(sha256(&cert))
+    }
 
     /// Creates the PKI under `data_dir/pki` unless it is already there, and returns it.
     pub fn ensure(data_dir: &Path) -> Result<DevPki, String> {
@@ -96,6 +108,18 @@ impl DevPki {
         write(&self.ca_cert(), ca_cert.pem().as_bytes())?;
         write(&self.server_cert(), server_cert.pem().as_bytes())?;
         write(&self.server_key(), server_key.serialize_pem().as_bytes())?;
+        let operator_key = KeyPair::generate()?;
+        let mut operator = CertificateParams::new(Vec::<String>::new())?;
+        operator
+            .distinguished_name
+            .push(DnType::CommonName, "relay operator");
+        operator.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let operator_cert = operator.signed_by(&operator_key, &issuer)?;
+        write(&self.operator_cert(), operator_cert.pem().as_bytes())?;
+        write(
+            &self.dir.join("operator.key"),
+            operator_key.serialize_pem().as_bytes(),
+        )?;
         for (stem, _, name, _) in CLIENTS {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(Vec::<String>::new())?;

@@ -38,6 +38,9 @@ fn start(data_dir: &Path) -> Relay {
             "2",
             "--durability",
             "fsync",
+            // Durability under kill -9 is the subject; the interop rules are not.
+            "--policy",
+            "off",
         ])
         .arg("--data-dir")
         .arg(data_dir)

@@ -21,6 +21,7 @@ fn an_offline_backlog_beyond_memory_is_delivered_in_order() {
     config.cores = 1;
     // The smallest budget allowed: one whole frame's worth (about 270 KiB).
     config.limits.shard_ram_bytes_max = codec::limits::FRAME_BYTES_MAX as u64;
+    config.interop.enforce = false;
     let relay = Relay::start(&config).expect("relay starts");
     let addr = relay.listen;
     let pki = data_dir.join("pki");

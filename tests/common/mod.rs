@@ -155,6 +155,9 @@ impl TestRelay {
         config.data_dir = dir.clone();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.cores = 2;
+        // These tests are about the data plane; the interop rules have their own
+        // (`tests/control_e2e.rs`).
+        config.interop.enforce = false;
         configure(&dir, &mut config);
         config.limits.validate().expect("test limits are valid");
         let relay = Relay::start(&config).expect("relay starts");

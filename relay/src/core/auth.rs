@@ -4,7 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use codec::{ArchivedHello, ErrorCode, NetworkId, Role};
 use ring::digest::{SHA256, digest};
@@ -71,16 +71,24 @@ impl TokenCache {
     }
 }
 
-/// The network table and the replay cache. Shared by every core; consulted once per session.
-#[derive(Debug)]
-pub struct Auth {
+/// The network table: by id and by certificate fingerprint.
+#[derive(Debug, Default)]
+struct Table {
     networks: HashMap<NetworkId, NetworkEntry>,
     by_cert: HashMap<[u8; 32], NetworkId>,
+}
+
+/// The network table and the replay cache. Shared by every core; consulted once per session.
+/// The control plane replaces entries as partners are registered (hence the lock: written
+/// rarely, read once per handshake).
+#[derive(Debug)]
+pub struct Auth {
+    table: RwLock<Table>,
     tokens: Mutex<TokenCache>,
 }
 
-impl Auth {
-    pub fn new(networks: Vec<NetworkEntry>, token_ids_max: usize) -> Result<Auth, String> {
+impl Table {
+    fn build(networks: Vec<NetworkEntry>) -> Result<Table, String> {
         let mut by_id = HashMap::new();
         let mut by_cert = HashMap::new();
         for network in networks {
@@ -103,30 +111,60 @@ impl Auth {
                 return Err(format!("network {name}: its id is used twice"));
             }
         }
+        Ok(Table {
+            networks: by_id,
+            by_cert,
+        })
+    }
+}
+
+impl Auth {
+    pub fn new(networks: Vec<NetworkEntry>, token_ids_max: usize) -> Result<Auth, String> {
+        let table = Table::build(networks)?;
         let tokens = TokenCache {
             seen: HashMap::new(),
             expiry: BinaryHeap::new(),
             max: token_ids_max.max(1),
         };
         Ok(Auth {
-            networks: by_id,
-            by_cert,
+            table: RwLock::new(table),
             tokens: Mutex::new(tokens),
         })
     }
 
-    pub fn network(&self, id: NetworkId) -> Option<&NetworkEntry> {
-        self.networks.get(&id)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn networks(&self) -> impl Iterator<Item = &NetworkEntry> {
-        self.networks.values()
+    pub fn network(&self, id: NetworkId) -> Option<NetworkEntry> {
+        self.read().networks.get(&id).cloned()
+    }
+
+    pub fn networks(&self) -> Vec<NetworkEntry> {
+        self.read().networks.values().cloned().collect()
+    }
+
+    /// Replaces the whole table (the control plane's registry changed); refused, and the
+    /// old table kept, if the new one is inconsistent.
+    pub fn replace(&self, networks: Vec<NetworkEntry>) -> Result<(), String> {
+        let table = Table::build(networks)?;
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table;
+        Ok(())
     }
 
     /// The network a client certificate speaks for.
     pub fn network_of_cert(&self, cert_der: &[u8]) -> Option<NetworkId> {
         let fingerprint: [u8; 32] = digest(&SHA256, cert_der).as_ref().try_into().ok()?;
-        self.by_cert.get(&fingerprint).copied()
+        self.network_of_fingerprint(&fingerprint)
+    }
+
+    pub fn network_of_fingerprint(&self, fingerprint: &[u8; 32]) -> Option<NetworkId> {
+        self.read().by_cert.get(fingerprint).copied()
     }
 
     /// Checks a `Hello` against the TLS client certificate (DER, if any) and decides who the
@@ -153,7 +191,7 @@ impl Auth {
                 "this client certificate speaks for no network",
             )
         })?;
-        let network = self.networks.get(&network_id).ok_or_else(|| {
+        let network = self.network(network_id).ok_or_else(|| {
             refused(
                 ErrorCode::CertificateUnknown,
                 "this client certificate speaks for no network",
@@ -182,7 +220,7 @@ impl Auth {
             ));
         };
         let device = token.device.get();
-        let network = self.networks.get(&device.network).ok_or_else(|| {
+        let network = self.network(device.network).ok_or_else(|| {
             refused(
                 ErrorCode::TokenInvalid,
                 format!("network {} is not served by this relay", device.network),

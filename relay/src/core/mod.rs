@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod dedup;
 pub mod log;
+pub mod policy;
 pub mod queue;
 pub mod recovery;
 pub mod session;
@@ -32,6 +33,14 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// The network the session speaks for.
+    pub fn network(&self) -> NetworkId {
+        match self {
+            Principal::Server { network } => *network,
+            Principal::Device { device } => device.network,
+        }
+    }
+
     /// Whether this session may send as (or acknowledge for) `address`.
     pub fn may_act_as(&self, address: &DeviceAddress) -> bool {
         match self {

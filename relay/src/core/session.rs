@@ -10,6 +10,7 @@ use codec::{
 };
 
 use super::auth::{Auth, Refused};
+use super::policy::{PartnerStatus, Policy};
 use super::shard::{Refusal, Routed, ShardInput};
 use super::{ConnId, DeviceSet, Principal, shard_of};
 use crate::limits::RelayLimits;
@@ -33,6 +34,8 @@ pub struct SessionContext<'a> {
     /// Wall-clock time, milliseconds since the Unix epoch.
     pub now_ms: u64,
     pub auth: &'a Auth,
+    /// The interop rules every cross-network frame is checked against.
+    pub policy: &'a Policy,
     /// The TLS client certificate (DER), if the client sent one.
     pub peer_cert: Option<&'a [u8]>,
     pub limits: &'a RelayLimits,
@@ -92,6 +95,17 @@ impl Session {
             return match view.header {
                 HeaderRef::Hello(hello) => {
                     match cx.auth.authenticate(cx.now_ms, hello, cx.peer_cert) {
+                        Ok(principal)
+                            if cx.policy.network_status(principal.network())
+                                == Some(PartnerStatus::Suspended) =>
+                        {
+                            self.fail(
+                                ErrorCode::PartnerSuspended,
+                                &format!("network {} is suspended", principal.network()),
+                                out,
+                                events,
+                            )
+                        }
                         Ok(principal) => self.establish(
                             cx,
                             principal,
@@ -180,6 +194,17 @@ impl Session {
                     );
                 }
                 let recipient = signal.recipient.get();
+                let sender = signal.sender.get().user_address();
+                if let Err(code) = cx.policy.check(&sender, &recipient) {
+                    return error(
+                        out,
+                        events,
+                        code,
+                        None,
+                        false,
+                        "the interop rules do not let this signal through",
+                    );
+                }
                 let shard = shard_of(&recipient, cx.shards);
                 events.push(SessionEvent::Route {
                     shard,
@@ -313,6 +338,12 @@ impl Session {
         out: &mut BytesMut,
         events: &mut Vec<SessionEvent>,
     ) {
+        if let Err(code) = cx
+            .policy
+            .check(&routed.sender.user_address(), &routed.recipient)
+        {
+            return reject(out, events, routed.id, routed.sender, code);
+        }
         if self.in_flight >= cx.limits.frames_in_flight_max {
             return reject(
                 out,

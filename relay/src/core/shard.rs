@@ -74,6 +74,23 @@ pub enum ShardInput {
         network: NetworkId,
         conn: ConnId,
     },
+    /// The user opted out: delete every queued frame that came from another network.
+    PurgeInterop {
+        user: UserAddress,
+    },
+    /// Write `frame` (an encoded `Notice`) to the user's connected devices and to its
+    /// network's server sessions.
+    NoticeUser {
+        user: UserAddress,
+        frame: Bytes,
+    },
+    /// Write `frame` to the network's server sessions (sent to one shard only: every shard
+    /// knows them all); `close` ends those sessions after it.
+    NoticeNetwork {
+        network: NetworkId,
+        frame: Bytes,
+        close: bool,
+    },
 }
 
 /// Why the relay refused an envelope, receipt or device list.
@@ -115,6 +132,8 @@ pub enum ShardOutput {
     },
     /// Close the connection with an error (e.g. a device past the user's device limit).
     Close { conn: ConnId, code: ErrorCode },
+    /// Write an encoded frame of the relay's own (a `Notice`) as it is.
+    Send { conn: ConnId, frame: Bytes },
     /// Read a spilled frame back from the log, then call [`Shard::on_loaded`].
     Load {
         device: DeviceAddress,
@@ -143,6 +162,8 @@ pub struct ShardStats {
     /// Frames moved out of memory (their bytes stay in the log), and read back.
     pub spilled: u64,
     pub loads: u64,
+    /// Frames deleted because their recipient opted out of interop.
+    pub purged: u64,
 }
 
 #[derive(Debug)]
@@ -837,6 +858,67 @@ impl<Q: DeviceQueue> Shard<Q> {
                 }
                 self.rebind_network(network);
             }
+            ShardInput::PurgeInterop { user } => self.purge_interop(user),
+            ShardInput::NoticeUser { user, frame } => {
+                let mut conns: Vec<ConnId> = self
+                    .users
+                    .get(&user)
+                    .map(|s| s.devices.iter().filter_map(|d| d.bound).collect())
+                    .unwrap_or_default();
+                if let Some(servers) = self.servers.get(&user.network) {
+                    conns.extend(servers.iter().copied());
+                }
+                conns.sort_unstable();
+                conns.dedup();
+                for conn in conns {
+                    self.out.push_back(ShardOutput::Send {
+                        conn,
+                        frame: frame.clone(),
+                    });
+                }
+            }
+            ShardInput::NoticeNetwork {
+                network,
+                frame,
+                close,
+            } => {
+                let conns = self.servers.get(&network).cloned().unwrap_or_default();
+                for &conn in &conns {
+                    self.out.push_back(ShardOutput::Send {
+                        conn,
+                        frame: frame.clone(),
+                    });
+                }
+                if close {
+                    for conn in conns {
+                        self.out.push_back(ShardOutput::Close {
+                            conn,
+                            code: ErrorCode::PartnerSuspended,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes (and logs the release of) every queued frame for `user` whose sender is on
+    /// another network: what opting out of interop removes.
+    fn purge_interop(&mut self, user: UserAddress) {
+        let mut doomed = Vec::new();
+        if let Some(state) = self.users.get(&user) {
+            for dev in &state.devices {
+                for index in 0..dev.queue.len() {
+                    if let Some(item) = dev.queue.get(index)
+                        && item.sender.network != user.network
+                    {
+                        doomed.push((user.device(dev.id), item.id));
+                    }
+                }
+            }
+        }
+        for (device, id) in doomed {
+            self.stats.purged += 1;
+            self.release(device, id);
         }
     }
 

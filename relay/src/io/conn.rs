@@ -132,6 +132,7 @@ impl Conn {
             }
             // Never addressed to a connection: the core's loader takes these.
             ShardOutput::Load { .. } => {}
+            ShardOutput::Send { frame, .. } => out.push(frame),
             ShardOutput::Close { code, .. } => {
                 metrics.error(code);
                 let mut events = Vec::new();
@@ -216,6 +217,7 @@ impl Conn {
         let cx = SessionContext {
             now_ms: now_ms(),
             auth: &core.shared.auth,
+            policy: &core.shared.policy,
             peer_cert: peer.as_deref(),
             limits: &core.shared.limits,
             shards: core.shared.cores,

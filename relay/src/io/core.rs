@@ -232,7 +232,8 @@ impl Core {
             let target = match &output {
                 ShardOutput::Deliver { conn, .. }
                 | ShardOutput::Ack { conn, .. }
-                | ShardOutput::Close { conn, .. } => *conn,
+                | ShardOutput::Close { conn, .. }
+                | ShardOutput::Send { conn, .. } => *conn,
                 ShardOutput::Load {
                     device,
                     seq,
@@ -407,7 +408,8 @@ impl Core {
         let target = match &output {
             ShardOutput::Deliver { conn, .. }
             | ShardOutput::Ack { conn, .. }
-            | ShardOutput::Close { conn, .. } => *conn,
+            | ShardOutput::Close { conn, .. }
+            | ShardOutput::Send { conn, .. } => *conn,
             ShardOutput::Load { .. } => return,
         };
         // A connection that closed meanwhile: its deliveries stay queued in the shard, which

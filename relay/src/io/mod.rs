@@ -4,6 +4,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod inject;
 pub mod store;
 pub mod tls;
 
@@ -23,6 +24,7 @@ use self::core::{Batch, Core};
 use crate::config::Config;
 use crate::core::auth::Auth;
 use crate::core::log::Durability;
+use crate::core::policy::Policy;
 use crate::core::queue::MemoryQueue;
 use crate::core::shard::Shard;
 use crate::limits::RelayLimits;
@@ -35,7 +37,8 @@ pub struct Shared {
     pub limits: RelayLimits,
     pub durability: Durability,
     pub data_dir: std::path::PathBuf,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
+    pub policy: Arc<Policy>,
     pub tls: Arc<ServerConfig>,
     pub senders: Vec<Sender<Batch>>,
     /// Wakes a core's inbox task.
@@ -63,10 +66,22 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Binds every core's listener, starts the cores, and returns once all accept.
+    /// Binds every core's listener, starts the cores, and returns once all accept; the
+    /// network table and the policy are the configuration's, with no control plane.
     pub fn start(config: &Config) -> Result<Relay, String> {
-        let (tls_paths, networks) = config.resolve_identities()?;
-        let auth = Auth::new(networks, config.limits.token_ids_max as usize)?;
+        let (_, networks) = config.resolve_identities()?;
+        let auth = Arc::new(Auth::new(networks, config.limits.token_ids_max as usize)?);
+        let policy = Arc::new(Policy::new(config.interop.enforce));
+        Relay::start_with(config, auth, policy)
+    }
+
+    /// [`Relay::start`] with the network table and policy a control plane keeps.
+    pub fn start_with(
+        config: &Config,
+        auth: Arc<Auth>,
+        policy: Arc<Policy>,
+    ) -> Result<Relay, String> {
+        let (tls_paths, _) = config.resolve_identities()?;
         let tls = tls::server_config(&tls_paths)?;
         let cores = config.cores;
         let mut senders = Vec::new();
@@ -86,6 +101,7 @@ impl Relay {
             durability: config.durability,
             data_dir: config.data_dir.clone(),
             auth,
+            policy,
             tls,
             senders,
             notifies: (0..cores).map(|_| Arc::new(Notify::new())).collect(),

@@ -1,0 +1,80 @@
+//! The event feed: how networks learn what concerns them (a message request for one of
+//! their users, a request accepted, a user delisted elsewhere, a user's location standing
+//! changed, one-time keys running out, their own status). A network reads it with
+//! `GET /v1/events?after=N`, in order, and keeps the last sequence it handled.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::store::{EVENTS, StoreResult, Tx};
+use super::{ApiResult, Caller, ControlPlane};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// To the recipient's network: a first contact waits for the user's answer.
+    RequestCreated,
+    /// To the sender's network: the recipient accepted; envelopes now pass.
+    RequestAccepted,
+    /// To every other network: the user opted out; forget its devices and keys.
+    UserDelisted,
+    /// To the user's network: the user no longer meets the location rule, or again does.
+    LocationChanged,
+    /// To the device's network: one-time prekeys or KeyPackages are low or gone.
+    KeysLow,
+    /// To the partner: its status changed.
+    PartnerStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub kind: EventKind,
+    /// The network it is for; `None`: every network except `except`.
+    pub audience: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<u32>,
+    pub at_ms: u64,
+    pub data: Value,
+}
+
+/// Events returned per call at most.
+pub const EVENTS_PAGE_MAX: usize = 1000;
+
+/// Appends an event in the caller's transaction.
+pub fn append(
+    tx: &mut Tx<'_>,
+    now_ms: u64,
+    kind: EventKind,
+    audience: Option<u32>,
+    except: Option<u32>,
+    data: Value,
+) -> StoreResult<()> {
+    let seq = tx.next("next_event")?;
+    let event = Event {
+        seq,
+        kind,
+        audience,
+        except,
+        at_ms: now_ms,
+        data,
+    };
+    tx.put(EVENTS, &format!("{seq:020}"), &event)
+}
+
+impl ControlPlane {
+    /// The caller's events after `after`, at most `limit`.
+    pub fn events(&self, caller: Caller, after: u64, limit: usize) -> ApiResult<Vec<Event>> {
+        let network = super::caller_network(caller)?.0;
+        let limit = limit.clamp(1, EVENTS_PAGE_MAX);
+        Ok(self.store.scan_from::<Event>(
+            EVENTS,
+            &format!("{:020}", after.saturating_add(1)),
+            limit,
+            |e| match e.audience {
+                Some(to) => to == network,
+                None => e.except != Some(network),
+            },
+        )?)
+    }
+}

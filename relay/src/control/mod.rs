@@ -1,0 +1,364 @@
+//! The interop control plane: partners, users (enlistment with consent, identifiers,
+//! consent models, location), message requests, discovery and the key directory. Each
+//! operation takes the caller and the time and returns a typed result or an [`ApiError`];
+//! `crate::http` is the HTTP shell around it. State lives in [`store::Store`]; what the data
+//! plane must enforce is mirrored into [`Policy`] and the [`Auth`] table, and what it must
+//! carry out (device sets, deletions, notices) goes through [`DataPlane`].
+
+pub mod discovery;
+pub mod events;
+pub mod identifier;
+pub mod keys;
+pub mod location;
+pub mod partners;
+pub mod ratelimit;
+pub mod requests;
+pub mod store;
+pub mod users;
+
+use std::sync::{Arc, Mutex};
+
+use codec::{DeviceId, ErrorCode, NetworkId, Notice, UserAddress, UserId};
+use serde::{Deserialize, Serialize};
+
+use self::location::LocationRule;
+use self::ratelimit::RateLimiter;
+use self::store::{Store, StoreError};
+use crate::core::auth::Auth;
+use crate::core::policy::Policy;
+
+/// Who is calling, from the TLS client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A certificate listed as the relay operator's.
+    Operator,
+    /// A server certificate of a registered network (partner or gatekeeper).
+    Network(NetworkId),
+}
+
+/// A refused or failed control-plane request: a protocol error code, the HTTP status it
+/// maps to, and a message that names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub status: u16,
+    pub message: String,
+    /// For `RATE_LIMITED`: when to try again.
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        let status = match code {
+            ErrorCode::RequestMalformed
+            | ErrorCode::IdentifierInvalid
+            | ErrorCode::DiscoveryBatchTooLarge
+            | ErrorCode::GroundRequired
+            | ErrorCode::KeysInvalid
+            | ErrorCode::ConsentRequired
+            | ErrorCode::ConsentInvalid => 400,
+            ErrorCode::CertificateRequired => 401,
+            ErrorCode::OperatorRequired
+            | ErrorCode::ForeignResource
+            | ErrorCode::CertificateUnknown
+            | ErrorCode::RoleNotAllowed
+            | ErrorCode::RecipientNotEnlisted
+            | ErrorCode::SenderNotEnlisted
+            | ErrorCode::MessageRequestPending
+            | ErrorCode::RecipientOutsideRegion
+            | ErrorCode::SenderOutsideRegion
+            | ErrorCode::PartnerSuspended
+            | ErrorCode::PartnerTesting => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::AlreadyExists | ErrorCode::IdentifierTaken | ErrorCode::RequestDecided => {
+                409
+            }
+            ErrorCode::BodyTooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::StorageUnavailable => 503,
+            _ => 500,
+        };
+        ApiError {
+            code,
+            status,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    pub fn malformed(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::RequestMalformed, message)
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(ErrorCode::NotFound, "no such resource, or none you may see")
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::error!("control store: {}", e.0);
+        ApiError::new(
+            ErrorCode::StorageUnavailable,
+            "the control store failed; nothing was changed",
+        )
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The control plane's settings (`[interop]` in the configuration file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InteropSettings {
+    /// Enforce the interop rules on the data plane. `false` is for the lab only
+    /// (data-plane benchmarks, protocol tests); the relay warns at start.
+    pub enforce: bool,
+    pub location: LocationRule,
+    /// How long contacts who look up a changed identifier learn the new one.
+    pub identifier_grace_days: u32,
+    /// Identifiers in one bulk discovery request.
+    pub discovery_batch_max: u32,
+    /// Identifiers one partner may look up per minute (unless its own limit is lower).
+    pub discovery_per_partner_per_min: u32,
+    /// Identifiers looked up on behalf of one requesting user per day.
+    pub discovery_per_user_per_day: u32,
+    /// How old a consent record may be when the user is enlisted.
+    pub consent_max_age_days: u32,
+    /// Below this many one-time prekeys (or KeyPackages) the owner is told to upload more.
+    pub prekeys_low: u32,
+    /// SHA-256 (hex) of the operator's client certificates (the development PKI adds its own).
+    pub operator_cert_sha256: Vec<String>,
+    /// How often the location rule is re-evaluated for every user, in seconds.
+    pub location_sweep_s: u32,
+    /// The largest control-API request body.
+    pub api_body_bytes_max: u32,
+}
+
+impl Default for InteropSettings {
+    fn default() -> InteropSettings {
+        InteropSettings {
+            enforce: true,
+            location: LocationRule::default(),
+            identifier_grace_days: 30,
+            discovery_batch_max: 1000,
+            discovery_per_partner_per_min: 60_000,
+            discovery_per_user_per_day: 5_000,
+            consent_max_age_days: 30,
+            prekeys_low: 10,
+            operator_cert_sha256: Vec::new(),
+            location_sweep_s: 60,
+            api_body_bytes_max: 1 << 20,
+        }
+    }
+}
+
+impl InteropSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.discovery_batch_max == 0 || self.discovery_batch_max > 100_000 {
+            return Err("interop.discovery_batch_max: must be 1 to 100000".into());
+        }
+        if let LocationRule::Eea { window_days } = self.location
+            && !(1..=3650).contains(&window_days)
+        {
+            return Err("interop.location.window_days: must be 1 to 3650".into());
+        }
+        if self.location_sweep_s == 0 {
+            return Err("interop.location_sweep_s: must be at least 1".into());
+        }
+        if self.api_body_bytes_max < 1024 {
+            return Err("interop.api_body_bytes_max: must be at least 1024".into());
+        }
+        for fingerprint in &self.operator_cert_sha256 {
+            if identifier::parse_hash(&fingerprint.to_ascii_lowercase()).is_none() {
+                return Err(format!(
+                    "interop.operator_cert_sha256: {fingerprint:?} is not 64 hex digits"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the control plane asks of the data plane. The IO shell sends each to the shard that
+/// owns the user; tests use a recording fake.
+pub trait DataPlane: Send + Sync + std::fmt::Debug {
+    /// Replaces the user's device set (as a server's `DeviceList` would).
+    fn set_devices(&self, user: UserAddress, devices: Vec<DeviceId>);
+    /// Deletes every queued frame for the user that came from another network.
+    fn purge_interop(&self, user: UserAddress);
+    /// Writes `notice` to the user's connected devices and its network's server sessions.
+    fn notice_user(&self, user: UserAddress, notice: Notice);
+    /// Writes `notice` to the network's server sessions; `close` ends them after it.
+    fn notice_network(&self, network: NetworkId, notice: Notice, close: bool);
+}
+
+/// A data plane that does nothing: for a control plane run without one (offline tools).
+#[derive(Debug, Default)]
+pub struct NoDataPlane;
+
+impl DataPlane for NoDataPlane {
+    fn set_devices(&self, _: UserAddress, _: Vec<DeviceId>) {}
+    fn purge_interop(&self, _: UserAddress) {}
+    fn notice_user(&self, _: UserAddress, _: Notice) {}
+    fn notice_network(&self, _: NetworkId, _: Notice, _: bool) {}
+}
+
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub settings: InteropSettings,
+    store: Store,
+    pub policy: Arc<Policy>,
+    auth: Arc<Auth>,
+    data_plane: Arc<dyn DataPlane>,
+    operators: Vec<[u8; 32]>,
+    limiter: Mutex<RateLimiter>,
+    /// Serializes read-modify-write sequences that span the store and the policy table.
+    writer: Mutex<()>,
+}
+
+impl ControlPlane {
+    /// Opens (or creates) the store under `data_dir`, registers the configured networks, and
+    /// loads the policy table.
+    pub fn open(
+        data_dir: &std::path::Path,
+        settings: InteropSettings,
+        configured: &[crate::core::auth::NetworkEntry],
+        extra_operators: Vec<[u8; 32]>,
+        auth: Arc<Auth>,
+        policy: Arc<Policy>,
+        data_plane: Arc<dyn DataPlane>,
+        now_ms: u64,
+    ) -> Result<ControlPlane, String> {
+        settings.validate()?;
+        let store = Store::open(&data_dir.join("control.redb")).map_err(|e| e.0)?;
+        let mut operators = extra_operators;
+        for fingerprint in &settings.operator_cert_sha256 {
+            if let Some(hash) = identifier::parse_hash(&fingerprint.to_ascii_lowercase()) {
+                operators.push(hash);
+            }
+        }
+        let control = ControlPlane {
+            settings,
+            store,
+            policy,
+            auth,
+            data_plane,
+            operators,
+            limiter: Mutex::new(RateLimiter::default()),
+            writer: Mutex::new(()),
+        };
+        control
+            .register_configured(configured, now_ms)
+            .map_err(|e| e.message)?;
+        control.load_policy(now_ms).map_err(|e| e.message)?;
+        Ok(control)
+    }
+
+    /// Who a client certificate (SHA-256 of its DER) speaks for.
+    pub fn caller(&self, fingerprint: &[u8; 32]) -> Option<Caller> {
+        if self.operators.contains(fingerprint) {
+            return Some(Caller::Operator);
+        }
+        self.auth
+            .network_of_fingerprint(fingerprint)
+            .map(Caller::Network)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// `Operator`, or `OPERATOR_REQUIRED`.
+pub fn require_operator(caller: Caller) -> ApiResult<()> {
+    match caller {
+        Caller::Operator => Ok(()),
+        Caller::Network(_) => Err(ApiError::new(
+            ErrorCode::OperatorRequired,
+            "this endpoint is for the relay's operator",
+        )),
+    }
+}
+
+/// The caller's network, which must be `network`: a network acts only on its own users.
+pub fn require_network(caller: Caller, network: NetworkId) -> ApiResult<()> {
+    match caller {
+        Caller::Network(own) if own == network => Ok(()),
+        Caller::Network(own) => Err(ApiError::new(
+            ErrorCode::ForeignResource,
+            format!("network {own} may not act on users of network {network}"),
+        )),
+        Caller::Operator => Err(ApiError::new(
+            ErrorCode::ForeignResource,
+            "the operator does not act for users; use the network's certificate",
+        )),
+    }
+}
+
+/// The caller's network, or `FOREIGN_RESOURCE` for the operator.
+pub fn caller_network(caller: Caller) -> ApiResult<NetworkId> {
+    match caller {
+        Caller::Network(network) => Ok(network),
+        Caller::Operator => Err(ApiError::new(
+            ErrorCode::ForeignResource,
+            "this endpoint acts for a network's users; use the network's certificate",
+        )),
+    }
+}
+
+/// A user's address as the API writes it: `{"network": 2, "user": "<32 hex digits>"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserRef {
+    pub network: u32,
+    pub user: String32,
+}
+
+/// A 128-bit internal user id as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct String32(pub u128);
+
+impl Serialize for String32 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:032x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for String32 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<String32, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_user_id(&text)
+            .map(String32)
+            .ok_or_else(|| serde::de::Error::custom("a user id is 1 to 32 hex digits"))
+    }
+}
+
+pub fn parse_user_id(text: &str) -> Option<u128> {
+    if text.is_empty() || text.len() > 32 {
+        return None;
+    }
+    u128::from_str_radix(text, 16).ok()
+}
+
+impl UserRef {
+    pub fn of(address: UserAddress) -> UserRef {
+        UserRef {
+            network: address.network.0,
+            user: String32(address.user.0),
+        }
+    }
+
+    pub fn address(self) -> UserAddress {
+        UserAddress {
+            network: NetworkId(self.network),
+            user: UserId(self.user.0),
+        }
+    }
+}
+
+/// The store key of a user.
+pub fn user_key(user: &UserAddress) -> String {
+    format!("{}:{:032x}", user.network.0, user.user.0)
+}

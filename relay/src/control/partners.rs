@@ -1,0 +1,443 @@
+//! The partner registry: every network the relay serves (the gatekeeper too), its identity
+//! (client-certificate fingerprints, device-token key), architecture, traffic limits and
+//! activation status, with every status change recorded with its reason. Networks from the
+//! configuration file are registered at start; the operator adds others through the API.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use codec::{ErrorCode, MessageId, NetworkId, Notice, NoticeKind, Role};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::events::{self, EventKind};
+use super::identifier::{hex, parse_hash};
+use super::store::PARTNERS;
+use super::{ApiError, ApiResult, Caller, ControlPlane, require_operator};
+use crate::core::auth::NetworkEntry;
+use crate::core::policy::PartnerStatus;
+
+/// How a partner connects (BEREC, chapter 3: with or without a proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// The partner's servers connect and speak for its users.
+    Proxy,
+    /// The partner's devices connect directly with device tokens.
+    Direct,
+    Both,
+}
+
+/// The grounds on which a network may be suspended: Article 7(9) DMA allows measures that
+/// are strictly necessary and duly justified to protect the integrity, security and privacy
+/// of the service; a partner may also ask for its own suspension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ground {
+    Integrity,
+    Security,
+    Privacy,
+    PartnerRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// From the configuration file; re-read at every start.
+    Config,
+    Api,
+}
+
+/// Traffic limits of one partner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrafficLimits {
+    /// Identifiers the partner may look up per minute.
+    pub discovery_per_min: u32,
+}
+
+impl Default for TrafficLimits {
+    fn default() -> TrafficLimits {
+        TrafficLimits {
+            discovery_per_min: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub at_ms: u64,
+    pub from: Option<PartnerStatus>,
+    pub to: PartnerStatus,
+    pub reason: String,
+    pub ground: Option<Ground>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partner {
+    pub id: u32,
+    pub name: String,
+    /// SHA-256 (hex) of each client certificate that speaks for it.
+    pub cert_sha256: Vec<String>,
+    /// Ed25519 public key (base64) for device tokens and consent records.
+    pub token_public_key: Option<String>,
+    pub architecture: Architecture,
+    pub gatekeeper: bool,
+    pub status: PartnerStatus,
+    pub limits: TrafficLimits,
+    pub source: Source,
+    pub history: Vec<StatusChange>,
+}
+
+/// `POST /v1/partners`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPartner {
+    pub id: u32,
+    pub name: String,
+    pub cert_sha256: Vec<String>,
+    pub token_public_key: Option<String>,
+    pub architecture: Architecture,
+    #[serde(default = "testing")]
+    pub status: PartnerStatus,
+    #[serde(default)]
+    pub limits: TrafficLimits,
+    pub reason: String,
+}
+
+fn testing() -> PartnerStatus {
+    PartnerStatus::Testing
+}
+
+/// `POST /v1/partners/{id}/status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewStatus {
+    pub status: PartnerStatus,
+    pub reason: String,
+    pub ground: Option<Ground>,
+}
+
+const NAME_BYTES_MAX: usize = 64;
+const REASON_BYTES_MAX: usize = 1000;
+
+impl Partner {
+    fn entry(&self) -> NetworkEntry {
+        let mut server_roles = Vec::new();
+        if self.gatekeeper {
+            server_roles.push(Role::GatekeeperServer);
+        } else if matches!(self.architecture, Architecture::Proxy | Architecture::Both) {
+            server_roles.push(Role::PartnerServer);
+        }
+        let token_public_key = match self.architecture {
+            Architecture::Direct | Architecture::Both => self.token_key(),
+            Architecture::Proxy => None,
+        };
+        NetworkEntry {
+            id: NetworkId(self.id),
+            name: self.name.clone(),
+            server_roles,
+            cert_sha256: self
+                .cert_sha256
+                .iter()
+                .filter_map(|h| parse_hash(h))
+                .collect(),
+            token_public_key,
+        }
+    }
+
+    /// The network's Ed25519 key, which also signs its users' consent records.
+    pub fn token_key(&self) -> Option<[u8; 32]> {
+        let bytes = BASE64.decode(self.token_public_key.as_deref()?).ok()?;
+        bytes.try_into().ok()
+    }
+}
+
+fn check_reason(reason: &str) -> ApiResult<()> {
+    if reason.trim().is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::GroundRequired,
+            "a status change needs a reason",
+        ));
+    }
+    if reason.len() > REASON_BYTES_MAX {
+        return Err(ApiError::malformed(format!(
+            "reason: at most {REASON_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    /// Registers (or refreshes) the networks of the configuration file. Their status and
+    /// history stay as recorded.
+    pub(super) fn register_configured(
+        &self,
+        networks: &[NetworkEntry],
+        now_ms: u64,
+    ) -> ApiResult<()> {
+        let _guard = self.lock();
+        self.store.write(|tx| {
+            for network in networks {
+                let key = network.id.0.to_string();
+                let old: Option<Partner> = tx.get(PARTNERS, &key)?;
+                let direct = network.token_public_key.is_some();
+                let proxy = !network.server_roles.is_empty();
+                let partner = Partner {
+                    id: network.id.0,
+                    name: network.name.clone(),
+                    cert_sha256: network.cert_sha256.iter().map(|h| hex(h)).collect(),
+                    token_public_key: network.token_public_key.map(|k| BASE64.encode(k)),
+                    architecture: match (proxy, direct) {
+                        (true, true) => Architecture::Both,
+                        (false, true) => Architecture::Direct,
+                        _ => Architecture::Proxy,
+                    },
+                    gatekeeper: network.server_roles.contains(&Role::GatekeeperServer),
+                    status: old.as_ref().map_or(PartnerStatus::Active, |o| o.status),
+                    limits: old.as_ref().map(|o| o.limits).unwrap_or_default(),
+                    source: Source::Config,
+                    history: old.map(|o| o.history).unwrap_or_else(|| {
+                        vec![StatusChange {
+                            at_ms: now_ms,
+                            from: None,
+                            to: PartnerStatus::Active,
+                            reason: "configured".into(),
+                            ground: None,
+                        }]
+                    }),
+                };
+                tx.put(PARTNERS, &key, &partner)?;
+            }
+            Ok::<(), ApiError>(())
+        })?;
+        self.sync_networks()
+    }
+
+    /// Pushes the registry into the handshake table and the policy.
+    fn sync_networks(&self) -> ApiResult<()> {
+        let partners = self.store.scan::<Partner>(PARTNERS, "")?;
+        let mut entries = Vec::new();
+        for (_, partner) in &partners {
+            self.policy
+                .set_network(NetworkId(partner.id), partner.status);
+            entries.push(partner.entry());
+        }
+        self.auth
+            .replace(entries)
+            .map_err(|e| ApiError::new(ErrorCode::AlreadyExists, e))
+    }
+
+    pub fn partner_get(&self, id: u32) -> ApiResult<Option<Partner>> {
+        Ok(self.store.get(PARTNERS, &id.to_string())?)
+    }
+
+    pub fn partners(&self, caller: Caller) -> ApiResult<Vec<Partner>> {
+        require_operator(caller)?;
+        let mut list: Vec<Partner> = self
+            .store
+            .scan::<Partner>(PARTNERS, "")?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        list.sort_by_key(|p| p.id);
+        Ok(list)
+    }
+
+    /// The operator sees every partner; a network sees only itself.
+    pub fn partner(&self, caller: Caller, id: u32) -> ApiResult<Partner> {
+        match caller {
+            Caller::Operator => {}
+            Caller::Network(own) if own.0 == id => {}
+            Caller::Network(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::ForeignResource,
+                    "a network may read only its own registration",
+                ));
+            }
+        }
+        self.partner_get(id)?.ok_or_else(ApiError::not_found)
+    }
+
+    pub fn partner_add(&self, caller: Caller, new: NewPartner, now_ms: u64) -> ApiResult<Partner> {
+        require_operator(caller)?;
+        if new.id == 0 {
+            return Err(ApiError::malformed("id: network 0 is reserved"));
+        }
+        if new.name.trim().is_empty() || new.name.len() > NAME_BYTES_MAX {
+            return Err(ApiError::malformed(format!(
+                "name: 1 to {NAME_BYTES_MAX} bytes"
+            )));
+        }
+        check_reason(&new.reason)?;
+        let mut fingerprints = Vec::new();
+        for fingerprint in &new.cert_sha256 {
+            let lower = fingerprint.to_ascii_lowercase();
+            if parse_hash(&lower).is_none() {
+                return Err(ApiError::malformed(format!(
+                    "cert_sha256: {fingerprint:?} is not 64 hex digits"
+                )));
+            }
+            fingerprints.push(lower);
+        }
+        let needs_certs = matches!(new.architecture, Architecture::Proxy | Architecture::Both);
+        if needs_certs && fingerprints.is_empty() {
+            return Err(ApiError::malformed(
+                "cert_sha256: a proxy partner needs at least one client certificate",
+            ));
+        }
+        if let Some(key) = &new.token_public_key
+            && BASE64.decode(key).map(|k| k.len()) != Ok(32)
+        {
+            return Err(ApiError::malformed(
+                "token_public_key: base64 of a 32-byte Ed25519 public key",
+            ));
+        }
+        if new.token_public_key.is_none() && new.architecture != Architecture::Proxy {
+            return Err(ApiError::malformed(
+                "token_public_key: a direct partner's devices need it",
+            ));
+        }
+        if new.status == PartnerStatus::Suspended {
+            return Err(ApiError::malformed(
+                "status: a partner starts in testing or active",
+            ));
+        }
+        let partner = Partner {
+            id: new.id,
+            name: new.name.trim().to_string(),
+            cert_sha256: fingerprints,
+            token_public_key: new.token_public_key,
+            architecture: new.architecture,
+            gatekeeper: false,
+            status: new.status,
+            limits: new.limits,
+            source: Source::Api,
+            history: vec![StatusChange {
+                at_ms: now_ms,
+                from: None,
+                to: new.status,
+                reason: new.reason,
+                ground: None,
+            }],
+        };
+        let _guard = self.lock();
+        let taken: Vec<String> = self
+            .store
+            .scan::<Partner>(PARTNERS, "")?
+            .into_iter()
+            .flat_map(|(_, p)| p.cert_sha256)
+            .collect();
+        if let Some(used) = partner.cert_sha256.iter().find(|h| taken.contains(h)) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("certificate {used} already speaks for another network"),
+            ));
+        }
+        self.store.write(|tx| {
+            let key = partner.id.to_string();
+            if tx.get::<Partner>(PARTNERS, &key)?.is_some() {
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("network {} is registered already", partner.id),
+                ));
+            }
+            tx.put(PARTNERS, &key, &partner)?;
+            Ok(())
+        })?;
+        self.sync_networks()?;
+        tracing::info!(
+            network = partner.id,
+            "partner {} registered ({:?}, {:?})",
+            partner.name,
+            partner.architecture,
+            partner.status
+        );
+        Ok(partner)
+    }
+
+    pub fn partner_set_status(
+        &self,
+        caller: Caller,
+        id: u32,
+        change: NewStatus,
+        now_ms: u64,
+    ) -> ApiResult<Partner> {
+        require_operator(caller)?;
+        check_reason(&change.reason)?;
+        if change.status == PartnerStatus::Suspended && change.ground.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::GroundRequired,
+                "a suspension needs a statutory ground: integrity, security, privacy or partner_request",
+            ));
+        }
+        let _guard = self.lock();
+        let partner = self.store.write(|tx| {
+            let key = id.to_string();
+            let mut partner: Partner = tx.get(PARTNERS, &key)?.ok_or_else(ApiError::not_found)?;
+            partner.history.push(StatusChange {
+                at_ms: now_ms,
+                from: Some(partner.status),
+                to: change.status,
+                reason: change.reason.clone(),
+                ground: change.ground,
+            });
+            partner.status = change.status;
+            tx.put(PARTNERS, &key, &partner)?;
+            events::append(
+                tx,
+                now_ms,
+                EventKind::PartnerStatus,
+                Some(id),
+                None,
+                json!({"status": change.status, "reason": change.reason, "ground": change.ground}),
+            )?;
+            Ok::<Partner, ApiError>(partner)
+        })?;
+        self.sync_networks()?;
+        let suspended = change.status == PartnerStatus::Suspended;
+        let kind = if suspended {
+            NoticeKind::Suspension
+        } else {
+            NoticeKind::Other
+        };
+        let text = match change.ground {
+            Some(ground) => format!(
+                "network status {:?} on ground {ground:?}: {}",
+                change.status, change.reason
+            ),
+            None => format!("network status {:?}: {}", change.status, change.reason),
+        };
+        let notice = Notice {
+            notice_id: MessageId(u128::from(now_ms) << 32 | u128::from(id)),
+            kind,
+            audience: None,
+            effective_at_ms: now_ms,
+            code: if suspended {
+                ErrorCode::PartnerSuspended.as_u16()
+            } else {
+                0
+            },
+            text: truncate(&text, codec::limits::NOTICE_TEXT_BYTES_MAX),
+        };
+        self.data_plane
+            .notice_network(NetworkId(id), notice, suspended);
+        tracing::warn!(
+            network = id,
+            "partner status {:?} -> {:?} ({:?}): {}",
+            partner.history.last().and_then(|c| c.from),
+            change.status,
+            change.ground,
+            change.reason
+        );
+        Ok(partner)
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}

@@ -1,0 +1,705 @@
+//! Users: enlistment with a signed opt-in consent record, opting out, user-visible
+//! identifiers (and changing one, with a grace period), the contact book (consent model
+//! iii), device sets, and location attestations with the rule they feed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use codec::{DeviceId, ErrorCode, MessageId, NetworkId, Notice, NoticeKind, UserAddress};
+use ring::signature::{ED25519, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::events::{self, EventKind};
+use super::identifier::{Identifier, IdentifierType, hex, parse_hash};
+use super::location::{self, DAY_MS};
+use super::partners::Partner;
+use super::store::{DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, USERS};
+use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, require_network, user_key};
+use crate::core::policy::{ConsentModel, Party, UserPolicy};
+
+/// Visible identifiers per user.
+pub const IDENTIFIERS_PER_USER_MAX: usize = 8;
+/// Entries of one contact book.
+pub const CONTACT_BOOK_MAX: usize = 10_000;
+/// Location attestations kept per user (the newest).
+pub const ATTESTATIONS_KEPT: usize = 16;
+/// How far in the future a timestamp may lie (clock skew between networks).
+pub const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// The opt-in a network collected from its user, signed with the network's Ed25519 key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentRecord {
+    pub opted_in_at_ms: u64,
+    /// How the user chose to be reached.
+    pub model: ConsentModel,
+    /// Whether lookups by identifier may find the user.
+    pub discoverable: bool,
+    /// Ed25519 signature (base64) over [`consent_message`].
+    pub signature: String,
+}
+
+/// The bytes a consent record's signature covers (`codec::consent`).
+pub fn consent_message(
+    user: &UserAddress,
+    opted_in_at_ms: u64,
+    model: ConsentModel,
+    discoverable: bool,
+) -> Vec<u8> {
+    let model = serde_json::to_value(model)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    codec::consent::signed_bytes(user, opted_in_at_ms, &model, discoverable)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attestation {
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    pub observed_at_ms: u64,
+}
+
+/// Whom a user accepted: a user, or (model iv) a whole network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accepted {
+    User(UserRef),
+    Network(u32),
+}
+
+impl Accepted {
+    pub fn party(self) -> Party {
+        match self {
+            Accepted::User(u) => Party::User(u.address()),
+            Accepted::Network(n) => Party::Network(NetworkId(n)),
+        }
+    }
+
+    pub fn of(party: Party) -> Accepted {
+        match party {
+            Party::User(u) => Accepted::User(UserRef::of(u)),
+            Party::Network(n) => Accepted::Network(n.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub network: u32,
+    pub user: super::String32,
+    pub enlisted: bool,
+    pub test: bool,
+    pub consent: Option<ConsentRecord>,
+    pub enlisted_at_ms: Option<u64>,
+    pub opted_out_at_ms: Option<u64>,
+    pub identifiers: Vec<Identifier>,
+    pub devices: Vec<u32>,
+    /// SHA-256 (hex) of the identifiers in the user's contact book.
+    pub contact_book: Vec<String>,
+    pub accepted: Vec<Accepted>,
+    pub locations: Vec<Attestation>,
+    pub last_in_eea_ms: Option<u64>,
+    pub in_region: bool,
+}
+
+impl UserRecord {
+    pub fn address(&self) -> UserAddress {
+        UserRef {
+            network: self.network,
+            user: self.user,
+        }
+        .address()
+    }
+
+    pub fn model(&self) -> ConsentModel {
+        self.consent
+            .as_ref()
+            .map_or(ConsentModel::RequestAlways, |c| c.model)
+    }
+
+    pub fn discoverable(&self) -> bool {
+        self.consent.as_ref().is_some_and(|c| c.discoverable)
+    }
+
+    fn policy(&self, region_until_ms: Option<u64>) -> UserPolicy {
+        UserPolicy {
+            enlisted: self.enlisted,
+            test: self.test,
+            model: self.model(),
+            in_region: self.in_region,
+            region_until_ms,
+            identifiers: self.identifiers.iter().map(Identifier::hash).collect(),
+            contact_book: Arc::new(
+                self.contact_book
+                    .iter()
+                    .filter_map(|h| parse_hash(h))
+                    .collect::<HashSet<_>>(),
+            ),
+        }
+    }
+}
+
+/// An identifier as sent: a type and a value to validate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierInput {
+    #[serde(rename = "type")]
+    pub kind: IdentifierType,
+    pub value: String,
+}
+
+impl IdentifierInput {
+    fn parse(&self) -> ApiResult<Identifier> {
+        Identifier::parse(self.kind, &self.value)
+            .map_err(|e| ApiError::new(ErrorCode::IdentifierInvalid, e))
+    }
+}
+
+/// `PUT /v1/users/{network}/{user}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enlistment {
+    pub consent: Option<ConsentRecord>,
+    #[serde(default)]
+    pub identifiers: Vec<IdentifierInput>,
+    #[serde(default)]
+    pub devices: Vec<u32>,
+    #[serde(default)]
+    pub test: bool,
+    pub location: Option<Attestation>,
+}
+
+/// `POST /v1/users/{network}/{user}/identifiers/change`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierChange {
+    pub old: IdentifierInput,
+    pub new: IdentifierInput,
+}
+
+/// Where a former identifier went, for contacts who look it up during the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    pub user: UserRef,
+    pub new: Identifier,
+    pub until_ms: u64,
+}
+
+fn check_devices(devices: &[u32]) -> ApiResult<Vec<DeviceId>> {
+    if devices.len() > codec::limits::RECIPIENT_DEVICES_MAX {
+        return Err(ApiError::malformed(format!(
+            "devices: at most {}",
+            codec::limits::RECIPIENT_DEVICES_MAX
+        )));
+    }
+    let unique: HashSet<u32> = devices.iter().copied().collect();
+    if unique.len() != devices.len() {
+        return Err(ApiError::malformed("devices: an id is listed twice"));
+    }
+    Ok(devices.iter().map(|&d| DeviceId(d)).collect())
+}
+
+fn check_attestation(attestation: &Attestation, now_ms: u64) -> ApiResult<()> {
+    if !location::valid_country(&attestation.country) {
+        return Err(ApiError::malformed(format!(
+            "location.country: {:?} is not an ISO 3166-1 alpha-2 code (two capital letters)",
+            attestation.country
+        )));
+    }
+    if attestation.observed_at_ms > now_ms + CLOCK_SKEW_MS {
+        return Err(ApiError::malformed(
+            "location.observed_at_ms: lies in the future",
+        ));
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    /// Fills the policy table from the store at start, then applies the location rule.
+    pub(super) fn load_policy(&self, now_ms: u64) -> ApiResult<()> {
+        let users = self.store.scan::<UserRecord>(USERS, "")?;
+        for (_, record) in &users {
+            let address = record.address();
+            let standing = self
+                .settings
+                .location
+                .evaluate(now_ms, record.last_in_eea_ms);
+            self.policy
+                .set_user(address, record.policy(standing.until_ms));
+            for accepted in &record.accepted {
+                self.policy.accept(address, accepted.party());
+            }
+        }
+        self.location_sweep(now_ms)?;
+        tracing::info!("control plane: {} users loaded", users.len());
+        Ok(())
+    }
+
+    fn user_record(&self, user: &UserAddress) -> ApiResult<Option<UserRecord>> {
+        Ok(self.store.get(USERS, &user_key(user))?)
+    }
+
+    /// A network reads its own user.
+    pub fn user(&self, caller: Caller, user: UserAddress) -> ApiResult<UserRecord> {
+        require_network(caller, user.network)?;
+        self.user_record(&user)?.ok_or_else(ApiError::not_found)
+    }
+
+    fn verify_consent(
+        &self,
+        user: &UserAddress,
+        consent: &ConsentRecord,
+        now_ms: u64,
+    ) -> ApiResult<()> {
+        let invalid = |m: &str| ApiError::new(ErrorCode::ConsentInvalid, m.to_string());
+        let partner: Partner = self
+            .partner_get(user.network.0)?
+            .ok_or_else(|| invalid("the user's network is not registered"))?;
+        let key = partner
+            .token_key()
+            .ok_or_else(|| invalid("the network has no signing key registered"))?;
+        let signature = BASE64
+            .decode(&consent.signature)
+            .map_err(|_| invalid("signature: not base64"))?;
+        let message = consent_message(
+            user,
+            consent.opted_in_at_ms,
+            consent.model,
+            consent.discoverable,
+        );
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(&message, &signature)
+            .map_err(|_| {
+                invalid("the signature does not verify for this user with the network's key")
+            })?;
+        if consent.opted_in_at_ms > now_ms + CLOCK_SKEW_MS {
+            return Err(invalid("opted_in_at_ms lies in the future"));
+        }
+        let max_age = u64::from(self.settings.consent_max_age_days) * DAY_MS;
+        if now_ms.saturating_sub(consent.opted_in_at_ms) > max_age {
+            return Err(invalid(&format!(
+                "the opt-in is older than {} days; ask the user again",
+                self.settings.consent_max_age_days
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enlists (or re-enlists, with a fresh consent) a user of the caller's network.
+    pub fn enlist(
+        &self,
+        caller: Caller,
+        user: UserAddress,
+        request: Enlistment,
+        now_ms: u64,
+    ) -> ApiResult<(UserRecord, bool)> {
+        require_network(caller, user.network)?;
+        let consent = request.consent.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ConsentRequired,
+                "a user is enlisted only with the record of its opt-in (consent)",
+            )
+        })?;
+        self.verify_consent(&user, &consent, now_ms)?;
+        if request.identifiers.len() > IDENTIFIERS_PER_USER_MAX {
+            return Err(ApiError::malformed(format!(
+                "identifiers: at most {IDENTIFIERS_PER_USER_MAX}"
+            )));
+        }
+        let identifiers = request
+            .identifiers
+            .iter()
+            .map(IdentifierInput::parse)
+            .collect::<ApiResult<Vec<_>>>()?;
+        let devices = check_devices(&request.devices)?;
+        if let Some(attestation) = &request.location {
+            check_attestation(attestation, now_ms)?;
+        }
+        let key = user_key(&user);
+        let _guard = self.lock();
+        let (record, created) = self.store.write(|tx| {
+            let old: Option<UserRecord> = tx.get(USERS, &key)?;
+            for identifier in &identifiers {
+                let hash = hex(&identifier.hash());
+                if let Some(holder) = tx.get::<String>(IDENTIFIERS, &hash)?
+                    && holder != key
+                {
+                    return Err(ApiError::new(
+                        ErrorCode::IdentifierTaken,
+                        format!(
+                            "{} {} belongs to another user",
+                            identifier.kind.name(),
+                            identifier.value
+                        ),
+                    ));
+                }
+            }
+            if let Some(old) = &old {
+                for identifier in &old.identifiers {
+                    if !identifiers.contains(identifier) {
+                        tx.delete(IDENTIFIERS, &hex(&identifier.hash()))?;
+                    }
+                }
+            }
+            for identifier in &identifiers {
+                tx.put(IDENTIFIERS, &hex(&identifier.hash()), &key)?;
+            }
+            let created = old.as_ref().is_none_or(|o| !o.enlisted);
+            let mut record = old.unwrap_or_else(|| UserRecord {
+                network: user.network.0,
+                user: super::String32(user.user.0),
+                enlisted: false,
+                test: false,
+                consent: None,
+                enlisted_at_ms: None,
+                opted_out_at_ms: None,
+                identifiers: Vec::new(),
+                devices: Vec::new(),
+                contact_book: Vec::new(),
+                accepted: Vec::new(),
+                locations: Vec::new(),
+                last_in_eea_ms: None,
+                in_region: false,
+            });
+            record.enlisted = true;
+            record.test = request.test;
+            record.consent = Some(consent);
+            if created {
+                record.enlisted_at_ms = Some(now_ms);
+            }
+            record.opted_out_at_ms = None;
+            record.identifiers = identifiers.clone();
+            record.devices = request.devices.clone();
+            if let Some(attestation) = request.location.clone() {
+                add_attestation(&mut record, attestation);
+            }
+            let standing = self
+                .settings
+                .location
+                .evaluate(now_ms, record.last_in_eea_ms);
+            record.in_region = standing.in_region;
+            tx.put(USERS, &key, &record)?;
+            Ok::<_, ApiError>((record, created))
+        })?;
+        let standing = self
+            .settings
+            .location
+            .evaluate(now_ms, record.last_in_eea_ms);
+        self.policy.set_user(user, record.policy(standing.until_ms));
+        for accepted in &record.accepted {
+            self.policy.accept(user, accepted.party());
+        }
+        self.data_plane.set_devices(user, devices);
+        tracing::info!(%user, "enlisted ({:?})", record.model());
+        Ok((record, created))
+    }
+
+    /// Opts the user out: delisted at once, its queued interop messages deleted, its
+    /// identifiers, contact book, keys and contacts forgotten, every other network told.
+    pub fn opt_out(&self, caller: Caller, user: UserAddress, now_ms: u64) -> ApiResult<UserRecord> {
+        require_network(caller, user.network)?;
+        let key = user_key(&user);
+        let _guard = self.lock();
+        let record = self.store.write(|tx| {
+            let mut record: UserRecord = tx
+                .get(USERS, &key)?
+                .filter(|r: &UserRecord| r.enlisted)
+                .ok_or_else(ApiError::not_found)?;
+            for identifier in &record.identifiers {
+                tx.delete(IDENTIFIERS, &hex(&identifier.hash()))?;
+            }
+            for device in &record.devices {
+                tx.delete(DEVICE_KEYS, &format!("{key}:{device}"))?;
+            }
+            while tx
+                .take_first::<serde_json::Value>(ONE_TIME_KEYS, &format!("{key}:"))?
+                .is_some()
+            {}
+            record.enlisted = false;
+            record.opted_out_at_ms = Some(now_ms);
+            record.consent = None;
+            record.identifiers.clear();
+            record.contact_book.clear();
+            record.accepted.clear();
+            record.locations.clear();
+            record.last_in_eea_ms = None;
+            record.in_region = false;
+            tx.put(USERS, &key, &record)?;
+            events::append(
+                tx,
+                now_ms,
+                EventKind::UserDelisted,
+                None,
+                Some(user.network.0),
+                json!({"user": UserRef::of(user)}),
+            )?;
+            Ok::<_, ApiError>(record)
+        })?;
+        self.policy.remove_user(&user);
+        self.policy.set_user(user, record.policy(None));
+        self.data_plane.purge_interop(user);
+        tracing::info!(%user, "opted out: delisted, queued interop messages deleted");
+        Ok(record)
+    }
+
+    /// Replaces one visible identifier: the old one stops resolving; contacts who look it up
+    /// during the grace period learn the new one. Routing is on the internal id, so
+    /// conversations and messages in flight are untouched.
+    pub fn change_identifier(
+        &self,
+        caller: Caller,
+        user: UserAddress,
+        change: IdentifierChange,
+        now_ms: u64,
+    ) -> ApiResult<UserRecord> {
+        require_network(caller, user.network)?;
+        let old = change.old.parse()?;
+        let new = change.new.parse()?;
+        let key = user_key(&user);
+        let until_ms = now_ms + u64::from(self.settings.identifier_grace_days) * DAY_MS;
+        let _guard = self.lock();
+        let record = self.store.write(|tx| {
+            let mut record: UserRecord = tx
+                .get(USERS, &key)?
+                .filter(|r: &UserRecord| r.enlisted)
+                .ok_or_else(ApiError::not_found)?;
+            let Some(position) = record.identifiers.iter().position(|i| *i == old) else {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    "the old identifier is not one of the user's",
+                ));
+            };
+            let new_hash = hex(&new.hash());
+            if let Some(holder) = tx.get::<String>(IDENTIFIERS, &new_hash)?
+                && holder != key
+            {
+                return Err(ApiError::new(
+                    ErrorCode::IdentifierTaken,
+                    "the new identifier belongs to another user",
+                ));
+            }
+            let old_hash = hex(&old.hash());
+            tx.delete(IDENTIFIERS, &old_hash)?;
+            tx.put(IDENTIFIERS, &new_hash, &key)?;
+            tx.delete(MOVED, &new_hash)?;
+            tx.put(
+                MOVED,
+                &old_hash,
+                &Moved {
+                    user: UserRef::of(user),
+                    new: new.clone(),
+                    until_ms,
+                },
+            )?;
+            record.identifiers[position] = new.clone();
+            tx.put(USERS, &key, &record)?;
+            Ok(record)
+        })?;
+        let hashes: Vec<[u8; 32]> = record.identifiers.iter().map(Identifier::hash).collect();
+        self.policy.update_user(&user, |p| p.identifiers = hashes);
+        Ok(record)
+    }
+
+    /// Replaces the user's contact book (hashed identifiers).
+    pub fn set_contact_book(
+        &self,
+        caller: Caller,
+        user: UserAddress,
+        hashes: Vec<String>,
+    ) -> ApiResult<usize> {
+        require_network(caller, user.network)?;
+        if hashes.len() > CONTACT_BOOK_MAX {
+            return Err(ApiError::malformed(format!(
+                "hashes: at most {CONTACT_BOOK_MAX}"
+            )));
+        }
+        let mut parsed = HashSet::new();
+        for hash in &hashes {
+            let lower = hash.to_ascii_lowercase();
+            let value = parse_hash(&lower).ok_or_else(|| {
+                ApiError::malformed(format!("hashes: {hash:?} is not 64 hex digits"))
+            })?;
+            parsed.insert(value);
+        }
+        let key = user_key(&user);
+        let _guard = self.lock();
+        self.store.write(|tx| {
+            let mut record: UserRecord = tx
+                .get(USERS, &key)?
+                .filter(|r: &UserRecord| r.enlisted)
+                .ok_or_else(ApiError::not_found)?;
+            record.contact_book = parsed.iter().map(|h| hex(h)).collect();
+            tx.put(USERS, &key, &record)?;
+            Ok::<_, ApiError>(())
+        })?;
+        let count = parsed.len();
+        self.policy
+            .update_user(&user, |p| p.contact_book = Arc::new(parsed));
+        Ok(count)
+    }
+
+    /// Replaces the user's device set, here and on the data plane.
+    pub fn set_devices(
+        &self,
+        caller: Caller,
+        user: UserAddress,
+        devices: Vec<u32>,
+    ) -> ApiResult<UserRecord> {
+        require_network(caller, user.network)?;
+        let ids = check_devices(&devices)?;
+        let key = user_key(&user);
+        let _guard = self.lock();
+        let record = self.store.write(|tx| {
+            let mut record: UserRecord = tx
+                .get(USERS, &key)?
+                .filter(|r: &UserRecord| r.enlisted)
+                .ok_or_else(ApiError::not_found)?;
+            for removed in record.devices.iter().filter(|d| !devices.contains(d)) {
+                tx.delete(DEVICE_KEYS, &format!("{key}:{removed}"))?;
+            }
+            record.devices = devices.clone();
+            tx.put(USERS, &key, &record)?;
+            Ok::<_, ApiError>(record)
+        })?;
+        self.data_plane.set_devices(user, ids);
+        Ok(record)
+    }
+
+    /// Records where the network saw its user, and applies the location rule.
+    pub fn attest_location(
+        &self,
+        caller: Caller,
+        user: UserAddress,
+        attestation: Attestation,
+        now_ms: u64,
+    ) -> ApiResult<UserRecord> {
+        require_network(caller, user.network)?;
+        check_attestation(&attestation, now_ms)?;
+        let key = user_key(&user);
+        {
+            let _guard = self.lock();
+            self.store.write(|tx| {
+                let mut record: UserRecord = tx
+                    .get(USERS, &key)?
+                    .filter(|r: &UserRecord| r.enlisted)
+                    .ok_or_else(ApiError::not_found)?;
+                add_attestation(&mut record, attestation);
+                tx.put(USERS, &key, &record)?;
+                Ok::<_, ApiError>(())
+            })?;
+        }
+        self.apply_location_rule(user, now_ms)?;
+        self.user_record(&user)?.ok_or_else(ApiError::not_found)
+    }
+
+    /// Re-evaluates every enlisted user whose standing may have lapsed.
+    pub fn location_sweep(&self, now_ms: u64) -> ApiResult<usize> {
+        let mut changed = 0;
+        for (user, policy) in self.policy.users() {
+            if !policy.enlisted {
+                continue;
+            }
+            let lapsed = policy.in_region && policy.region_until_ms.is_some_and(|u| u <= now_ms);
+            let rule_off_now =
+                !policy.in_region && self.settings.location == location::LocationRule::Off;
+            if (lapsed || rule_off_now) && self.apply_location_rule(user, now_ms)? {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Applies the rule to one user. A user who falls outside is told (a `Notice` with the
+    /// reason) before it is made unreachable; one who comes back is reachable again at once,
+    /// without re-enlisting. Returns whether the standing changed.
+    fn apply_location_rule(&self, user: UserAddress, now_ms: u64) -> ApiResult<bool> {
+        let key = user_key(&user);
+        let _guard = self.lock();
+        let Some(mut record) = self
+            .store
+            .get::<UserRecord>(USERS, &key)?
+            .filter(|r| r.enlisted)
+        else {
+            return Ok(false);
+        };
+        let standing = self
+            .settings
+            .location
+            .evaluate(now_ms, record.last_in_eea_ms);
+        self.policy
+            .update_user(&user, |p| p.region_until_ms = standing.until_ms);
+        if standing.in_region == record.in_region {
+            return Ok(false);
+        }
+        record.in_region = standing.in_region;
+        let window = self.settings.location.describe();
+        let (text, code) = if standing.in_region {
+            (
+                format!(
+                    "you meet the location rule ({window}) again: other networks can reach you"
+                ),
+                0,
+            )
+        } else {
+            (
+                format!(
+                    "no attestation inside the EEA within the rule's window ({window}): other networks can no longer reach you, and you cannot reach them, until your provider attests you in the EEA"
+                ),
+                ErrorCode::RecipientOutsideRegion.as_u16(),
+            )
+        };
+        self.store.write(|tx| {
+            tx.put(USERS, &key, &record)?;
+            events::append(
+                tx,
+                now_ms,
+                EventKind::LocationChanged,
+                Some(user.network.0),
+                None,
+                json!({"user": UserRef::of(user), "in_region": standing.in_region, "rule": window}),
+            )?;
+            Ok::<_, ApiError>(())
+        })?;
+        let notice = Notice {
+            notice_id: MessageId(u128::from(now_ms) << 64 | user.user.0 & u128::from(u64::MAX)),
+            kind: NoticeKind::LocationChange,
+            audience: Some(user),
+            effective_at_ms: now_ms,
+            code,
+            text,
+        };
+        if standing.in_region {
+            self.policy.update_user(&user, |p| p.in_region = true);
+            self.data_plane.notice_user(user, notice);
+        } else {
+            // The notice is queued for the user's sessions before the policy changes.
+            self.data_plane.notice_user(user, notice);
+            self.policy.update_user(&user, |p| p.in_region = false);
+        }
+        tracing::info!(%user, in_region = standing.in_region, "location standing changed");
+        Ok(true)
+    }
+}
+
+fn add_attestation(record: &mut UserRecord, attestation: Attestation) {
+    if location::in_eea(&attestation.country) {
+        record.last_in_eea_ms = Some(
+            record
+                .last_in_eea_ms
+                .map_or(attestation.observed_at_ms, |t| {
+                    t.max(attestation.observed_at_ms)
+                }),
+        );
+    }
+    record.locations.push(attestation);
+    record.locations.sort_by_key(|a| a.observed_at_ms);
+    if record.locations.len() > ATTESTATIONS_KEPT {
+        let excess = record.locations.len() - ATTESTATIONS_KEPT;
+        record.locations.drain(..excess);
+    }
+}

@@ -1,0 +1,425 @@
+//! The interop rules the data plane enforces on every envelope, receipt and signal that
+//! crosses networks: partner status, enlistment (opt-in), the recipient's consent model, the
+//! location rule and test-only partners. The control plane (`crate::control`) writes this
+//! table; sessions read it before routing. Traffic within one network is not interop and
+//! passes untouched (principle 6: the rules bind partners and the gatekeeper alike).
+//!
+//! The table is a set of concurrent maps (dashmap: sharded read-write locks) rather than
+//! per-core copies: it is read once or twice per cross-network frame and written only by the
+//! control plane, and a copy per core would multiply its memory by the core count.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use codec::{ErrorCode, NetworkId, UserAddress};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+/// A partner network's activation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartnerStatus {
+    /// Connected for integration: reaches, and is reached by, test users only.
+    Testing,
+    Active,
+    /// No traffic in either direction; sessions are refused.
+    Suspended,
+}
+
+/// How a user may be reached from other networks: the four approaches BEREC lists
+/// (BoR (24) 19, repeated in chapter 5 of the opinion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentModel {
+    /// (i) Anyone may reach the user once it opted in.
+    Everyone,
+    /// (ii) Each first contact is a message request the user accepts or refuses.
+    RequestAlways,
+    /// (iii) A request only from people outside the user's contact book.
+    RequestUnknown,
+    /// (iv) A request whenever a network the user has not accepted yet makes first contact.
+    RequestPerNetwork,
+}
+
+/// Who a recipient accepted: one user, or (under model iv) a whole network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Party {
+    User(UserAddress),
+    Network(NetworkId),
+}
+
+/// What the policy knows of one enlisted user.
+#[derive(Debug, Clone)]
+pub struct UserPolicy {
+    /// Opted in and not opted out since.
+    pub enlisted: bool,
+    /// A test user: the only kind a network in `testing` reaches.
+    pub test: bool,
+    pub model: ConsentModel,
+    /// Meets the location rule (always `true` when the rule is off).
+    pub in_region: bool,
+    /// When `in_region` lapses without a newer attestation; `None`: it does not.
+    pub region_until_ms: Option<u64>,
+    /// SHA-256 of the user's current visible identifiers (see `control::identifier`).
+    pub identifiers: Vec<[u8; 32]>,
+    /// SHA-256 of the identifiers in the user's contact book (model iii).
+    pub contact_book: Arc<HashSet<[u8; 32]>>,
+}
+
+/// What the data plane tells the control plane about contacts, to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContactEvent {
+    /// A first contact the consent model turned into a message request: the control plane
+    /// records it and tells the recipient's network. `party` is `Party::Network` under
+    /// model (iv), else the sending user.
+    Requested {
+        sender: UserAddress,
+        recipient: UserAddress,
+        party: Party,
+    },
+    /// `sender` reached `recipient` for the first time: from now on `sender` accepts
+    /// `recipient` (whoever writes first consents to hear back).
+    Wrote {
+        sender: UserAddress,
+        recipient: UserAddress,
+    },
+}
+
+/// Bound of the contact-event channel to the control plane; past it the envelope is still
+/// refused with `MESSAGE_REQUEST_PENDING` and the next attempt records the request.
+const CONTACT_EVENTS_MAX: usize = 4096;
+
+#[derive(Debug)]
+pub struct Policy {
+    /// `false` only in the lab (`interop.enforce = false`): data-plane benchmarks and
+    /// protocol tests that do not enlist users.
+    enforce: AtomicBool,
+    networks: DashMap<NetworkId, PartnerStatus>,
+    users: DashMap<UserAddress, UserPolicy>,
+    /// (recipient, party) pairs the recipient accepted, or that it contacted first.
+    accepted: DashMap<(UserAddress, Party), ()>,
+    /// Pairs with a request already sent to the control plane.
+    requested: DashMap<(UserAddress, Party), ()>,
+    contacts: Sender<ContactEvent>,
+    contacts_rx: Receiver<ContactEvent>,
+    /// Cross-network frames checked, and refused, since start (for `/metrics`).
+    pub checked: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+impl Policy {
+    pub fn new(enforce: bool) -> Policy {
+        let (tx, rx) = crossbeam_channel::bounded(CONTACT_EVENTS_MAX);
+        Policy {
+            enforce: AtomicBool::new(enforce),
+            networks: DashMap::new(),
+            users: DashMap::new(),
+            accepted: DashMap::new(),
+            requested: DashMap::new(),
+            contacts: tx,
+            contacts_rx: rx,
+            checked: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    pub fn enforced(&self) -> bool {
+        self.enforce.load(Ordering::Relaxed)
+    }
+
+    pub fn set_network(&self, network: NetworkId, status: PartnerStatus) {
+        self.networks.insert(network, status);
+    }
+
+    pub fn network_status(&self, network: NetworkId) -> Option<PartnerStatus> {
+        self.networks.get(&network).map(|s| *s)
+    }
+
+    pub fn set_user(&self, user: UserAddress, policy: UserPolicy) {
+        self.users.insert(user, policy);
+    }
+
+    pub fn user(&self, user: &UserAddress) -> Option<UserPolicy> {
+        self.users.get(user).map(|p| p.clone())
+    }
+
+    pub fn remove_user(&self, user: &UserAddress) {
+        self.users.remove(user);
+        self.accepted
+            .retain(|(recipient, party), ()| recipient != user && *party != Party::User(*user));
+        self.requested
+            .retain(|(recipient, party), ()| recipient != user && *party != Party::User(*user));
+    }
+
+    pub fn update_user(&self, user: &UserAddress, change: impl FnOnce(&mut UserPolicy)) {
+        if let Some(mut entry) = self.users.get_mut(user) {
+            change(&mut entry);
+        }
+    }
+
+    pub fn users(&self) -> Vec<(UserAddress, UserPolicy)> {
+        self.users
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect()
+    }
+
+    /// `recipient` accepts `party` (a request accepted, or `recipient` wrote first).
+    pub fn accept(&self, recipient: UserAddress, party: Party) {
+        self.accepted.insert((recipient, party), ());
+        self.requested.remove(&(recipient, party));
+    }
+
+    pub fn has_accepted(&self, recipient: &UserAddress, party: Party) -> bool {
+        self.accepted.contains_key(&(*recipient, party))
+    }
+
+    /// Forgets that a request was sent, so the next attempt records a new one.
+    pub fn forget_request(&self, recipient: UserAddress, party: Party) {
+        self.requested.remove(&(recipient, party));
+    }
+
+    /// Contact events waiting for the control plane.
+    pub fn contact_events(&self) -> &Receiver<ContactEvent> {
+        &self.contacts_rx
+    }
+
+    /// Whether `sender` may reach `recipient` now; `Err` is the code of the refusal.
+    pub fn check(&self, sender: &UserAddress, recipient: &UserAddress) -> Result<(), ErrorCode> {
+        if sender.network == recipient.network || !self.enforced() {
+            return Ok(());
+        }
+        self.checked.fetch_add(1, Ordering::Relaxed);
+        let verdict = self.decide(sender, recipient, true);
+        if verdict.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        verdict
+    }
+
+    /// What [`Policy::check`] would answer, without recording anything (discovery uses it
+    /// to tell "reach directly" from "a request first").
+    pub fn peek(&self, sender: &UserAddress, recipient: &UserAddress) -> Result<(), ErrorCode> {
+        if sender.network == recipient.network || !self.enforced() {
+            return Ok(());
+        }
+        self.decide(sender, recipient, false)
+    }
+
+    fn decide(
+        &self,
+        sender: &UserAddress,
+        recipient: &UserAddress,
+        record: bool,
+    ) -> Result<(), ErrorCode> {
+        let sender_network = self.network_status(sender.network);
+        let recipient_network = self.network_status(recipient.network);
+        if sender_network == Some(PartnerStatus::Suspended)
+            || recipient_network == Some(PartnerStatus::Suspended)
+        {
+            return Err(ErrorCode::PartnerSuspended);
+        }
+        let from = self
+            .users
+            .get(sender)
+            .filter(|p| p.enlisted)
+            .ok_or(ErrorCode::SenderNotEnlisted)?;
+        if !from.in_region {
+            return Err(ErrorCode::SenderOutsideRegion);
+        }
+        let to = self
+            .users
+            .get(recipient)
+            .filter(|p| p.enlisted)
+            .ok_or(ErrorCode::RecipientNotEnlisted)?;
+        if !to.in_region {
+            return Err(ErrorCode::RecipientOutsideRegion);
+        }
+        if (sender_network == Some(PartnerStatus::Testing) && !to.test)
+            || (recipient_network == Some(PartnerStatus::Testing) && !from.test)
+        {
+            return Err(ErrorCode::PartnerTesting);
+        }
+        let user = Party::User(*sender);
+        let party = match to.model {
+            ConsentModel::Everyone => None,
+            ConsentModel::RequestAlways => Some(user),
+            ConsentModel::RequestUnknown => {
+                let known = from.identifiers.iter().any(|h| to.contact_book.contains(h));
+                (!known).then_some(user)
+            }
+            ConsentModel::RequestPerNetwork => Some(Party::Network(sender.network)),
+        };
+        drop((from, to));
+        let allowed = match party {
+            None => true,
+            Some(party) => {
+                self.has_accepted(recipient, user) || self.has_accepted(recipient, party)
+            }
+        };
+        match party {
+            Some(party) if !allowed => {
+                if record {
+                    self.request(*sender, *recipient, party);
+                }
+                Err(ErrorCode::MessageRequestPending)
+            }
+            _ => {
+                if record {
+                    self.wrote(*sender, *recipient);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Records once that `sender` reached `recipient`: `sender` now accepts `recipient`.
+    fn wrote(&self, sender: UserAddress, recipient: UserAddress) {
+        let key = (sender, Party::User(recipient));
+        if self.accepted.contains_key(&key) {
+            return;
+        }
+        self.accepted.insert(key, ());
+        // A full channel loses only the stored copy; the pair stays accepted in memory.
+        let _ = self
+            .contacts
+            .try_send(ContactEvent::Wrote { sender, recipient });
+    }
+
+    /// Hands a first contact to the control plane once per (recipient, party).
+    fn request(&self, sender: UserAddress, recipient: UserAddress, party: Party) {
+        if self.requested.insert((recipient, party), ()).is_some() {
+            return;
+        }
+        // The one who asks accepts the one asked.
+        self.wrote(sender, recipient);
+        let event = ContactEvent::Requested {
+            sender,
+            recipient,
+            party,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.contacts.try_send(event)
+        {
+            self.requested.remove(&(recipient, party));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use codec::UserId;
+
+    fn user(network: u32, id: u128) -> UserAddress {
+        UserAddress {
+            network: NetworkId(network),
+            user: UserId(id),
+        }
+    }
+
+    fn enlisted(model: ConsentModel) -> UserPolicy {
+        UserPolicy {
+            enlisted: true,
+            test: false,
+            model,
+            in_region: true,
+            region_until_ms: None,
+            identifiers: Vec::new(),
+            contact_book: Arc::new(HashSet::new()),
+        }
+    }
+
+    #[test]
+    fn same_network_traffic_is_not_interop() {
+        let policy = Policy::new(true);
+        assert_eq!(policy.check(&user(1, 1), &user(1, 2)), Ok(()));
+        assert_eq!(
+            policy.check(&user(1, 1), &user(2, 2)),
+            Err(ErrorCode::SenderNotEnlisted)
+        );
+    }
+
+    #[test]
+    fn each_rule_has_its_code() {
+        let policy = Policy::new(true);
+        let (a, b) = (user(1, 1), user(2, 2));
+        policy.set_user(a, enlisted(ConsentModel::Everyone));
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::RecipientNotEnlisted));
+        policy.set_user(b, enlisted(ConsentModel::Everyone));
+        assert_eq!(policy.check(&a, &b), Ok(()));
+        policy.update_user(&b, |p| p.in_region = false);
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::RecipientOutsideRegion));
+        assert_eq!(policy.check(&b, &a), Err(ErrorCode::SenderOutsideRegion));
+        policy.update_user(&b, |p| p.in_region = true);
+        policy.set_network(NetworkId(2), PartnerStatus::Testing);
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::PartnerTesting));
+        policy.update_user(&a, |p| p.test = true);
+        assert_eq!(policy.check(&a, &b), Ok(()));
+        policy.set_network(NetworkId(2), PartnerStatus::Suspended);
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::PartnerSuspended));
+        assert_eq!(policy.check(&b, &a), Err(ErrorCode::PartnerSuspended));
+    }
+
+    #[test]
+    fn a_request_is_recorded_once_and_acceptance_opens_both_ways() {
+        let policy = Policy::new(true);
+        let (a, b) = (user(1, 1), user(2, 2));
+        policy.set_user(a, enlisted(ConsentModel::RequestAlways));
+        policy.set_user(b, enlisted(ConsentModel::RequestAlways));
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::MessageRequestPending));
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::MessageRequestPending));
+        let events: Vec<ContactEvent> = policy.contact_events().try_iter().collect();
+        assert_eq!(
+            events,
+            [
+                ContactEvent::Wrote {
+                    sender: a,
+                    recipient: b
+                },
+                ContactEvent::Requested {
+                    sender: a,
+                    recipient: b,
+                    party: Party::User(a)
+                }
+            ]
+        );
+        policy.accept(b, Party::User(a));
+        assert_eq!(policy.check(&a, &b), Ok(()));
+        assert_eq!(policy.check(&b, &a), Ok(()));
+    }
+
+    #[test]
+    fn contact_book_and_per_network_models() {
+        let policy = Policy::new(true);
+        let (a, b, c) = (user(1, 1), user(2, 2), user(1, 3));
+        let mut from = enlisted(ConsentModel::Everyone);
+        from.identifiers = vec![[7; 32]];
+        policy.set_user(a, from);
+        policy.set_user(c, enlisted(ConsentModel::Everyone));
+        let mut to = enlisted(ConsentModel::RequestUnknown);
+        to.contact_book = Arc::new([[7; 32]].into_iter().collect());
+        policy.set_user(b, to);
+        assert_eq!(policy.check(&a, &b), Ok(()));
+        assert_eq!(policy.check(&c, &b), Err(ErrorCode::MessageRequestPending));
+        policy.update_user(&b, |p| p.model = ConsentModel::RequestPerNetwork);
+        assert_eq!(policy.check(&a, &b), Err(ErrorCode::MessageRequestPending));
+        assert!(policy.contact_events().try_iter().any(|e| e
+            == ContactEvent::Requested {
+                sender: a,
+                recipient: b,
+                party: Party::Network(NetworkId(1))
+            }));
+        policy.accept(b, Party::Network(NetworkId(1)));
+        assert_eq!(policy.check(&a, &b), Ok(()));
+        assert_eq!(policy.check(&c, &b), Ok(()));
+    }
+
+    #[test]
+    fn off_in_the_lab() {
+        let policy = Policy::new(false);
+        assert_eq!(policy.check(&user(1, 1), &user(2, 2)), Ok(()));
+    }
+}

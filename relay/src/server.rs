@@ -1,0 +1,90 @@
+//! A whole relay node as `relay serve` runs it: the control plane (opened first, so the
+//! policy is loaded before the first session), the data-plane cores, and the HTTP port.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::config::Config;
+use crate::control::ControlPlane;
+use crate::core::auth::Auth;
+use crate::core::policy::Policy;
+use crate::http::{HttpContext, HttpServer};
+use crate::io::inject::ShardInjector;
+use crate::io::{Relay, now_ms};
+
+#[derive(Debug)]
+pub struct Server {
+    pub relay: Relay,
+    pub http: HttpServer,
+    pub control: Arc<ControlPlane>,
+}
+
+impl Server {
+    pub fn start(config: &Config) -> Result<Server, String> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?;
+        let (_, networks) = config.resolve_identities()?;
+        let auth = Arc::new(Auth::new(
+            networks.clone(),
+            config.limits.token_ids_max as usize,
+        )?);
+        let policy = Arc::new(Policy::new(config.interop.enforce));
+        if !config.interop.enforce {
+            tracing::warn!(
+                "interop.enforce = false: the interop rules (consent, location, partner status) are NOT enforced; for lab use only"
+            );
+        }
+        let injector = Arc::new(ShardInjector::default());
+        let control = Arc::new(
+            ControlPlane::open(
+                &config.data_dir,
+                config.interop.clone(),
+                &networks,
+                config.dev_operators(),
+                auth.clone(),
+                policy.clone(),
+                injector.clone(),
+                now_ms(),
+            )
+            .map_err(|e| format!("control plane: {e}"))?,
+        );
+        let relay = Relay::start_with(config, auth, policy)?;
+        injector.attach(relay.shared.clone());
+        let shared = relay.shared.clone();
+        let durability = config.durability.name();
+        let render = Arc::new(move || {
+            let mut text = crate::metrics::render(&shared.metrics, &shared.connections, durability);
+            let policy = &shared.policy;
+            text.push_str(&format!(
+                "# HELP relay_policy_enforced Whether the interop rules are enforced (0: lab mode)\n# TYPE relay_policy_enforced gauge\nrelay_policy_enforced {}\n# HELP relay_policy_checked_total Cross-network frames checked against the interop rules\n# TYPE relay_policy_checked_total counter\nrelay_policy_checked_total {}\n# HELP relay_policy_refused_total Cross-network frames the interop rules refused (by code in relay_errors_total)\n# TYPE relay_policy_refused_total counter\nrelay_policy_refused_total {}\n",
+                u8::from(policy.enforced()),
+                policy.checked.load(Ordering::Relaxed),
+                policy.refused.load(Ordering::Relaxed),
+            ));
+            text
+        });
+        let context = HttpContext {
+            render,
+            control: Some(control.clone()),
+            tls: Some(relay.shared.tls.clone()),
+        };
+        let http = match HttpServer::start(config.http_listen, context) {
+            Ok(http) => http,
+            Err(e) => {
+                relay.stop();
+                return Err(e);
+            }
+        };
+        Ok(Server {
+            relay,
+            http,
+            control,
+        })
+    }
+
+    /// Stops the HTTP port, then the cores (which flush and close their sessions).
+    pub fn stop(self) {
+        self.http.stop();
+        self.relay.stop();
+    }
+}
