@@ -2,6 +2,11 @@
 //! directory, development PKI and port on 127.0.0.1), SDK sessions connected to it over real
 //! TLS sockets, builders for frames, and `expect_*` helpers that read the next event under a
 //! timeout and fail on anything else: no event is ever skipped silently.
+//!
+//! Several test crates include this module and each uses a part of it.
+#![allow(dead_code)]
+
+pub mod control;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
