@@ -4,9 +4,22 @@
 
 mod common;
 
-use client::{ErrorCode, NetworkId, UserAddress, UserId};
-use common::control::{ControlRelay, Who, assert_error, ok};
+use std::time::Duration;
+
+use client::control::user_hex;
+use client::{ErrorCode, Event, NetworkId, UserAddress, UserId};
+use codec::NoticeKind;
+use common::control::{
+    ControlRelay, Enlist, Who, assert_error, events, hash_of, ok, user_path, wait_request,
+};
+use common::{GATEKEEPER, PARTNER, QUIET, envelope, payload};
 use serde_json::json;
+
+fn user(network: NetworkId, id: u128) -> UserAddress {
+    UserAddress::new(network, UserId(id))
+}
+
+// ---------------------------------------------------------------- 1. partners
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_registry_is_for_the_operator() {
@@ -19,11 +32,882 @@ async fn partner_registry_is_for_the_operator() {
         .map(|p| p["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids, [1, 2]);
+    assert_eq!(list["partners"][0]["gatekeeper"], true);
     let refused = relay.api(Who::Partner).get("/v1/partners").await.unwrap();
     assert_error(&refused, 403, ErrorCode::OperatorRequired);
-    let _ = (
-        NetworkId(1),
-        UserAddress::new(NetworkId(1), UserId(1)),
-        json!({}),
+    let anonymous = relay.api(Who::Anonymous).get("/v1/partners").await.unwrap();
+    assert_error(&anonymous, 401, ErrorCode::CertificateRequired);
+    // A network reads its own registration, not another's.
+    ok(relay.api(Who::Partner).get("/v1/partners/2").await.unwrap());
+    let foreign = relay.api(Who::Partner).get("/v1/partners/1").await.unwrap();
+    assert_error(&foreign, 403, ErrorCode::ForeignResource);
+    let missing = relay
+        .api(Who::Operator)
+        .get("/v1/partners/99")
+        .await
+        .unwrap();
+    assert_error(&missing, 404, ErrorCode::NotFound);
+    let bad_id = relay
+        .api(Who::Operator)
+        .get("/v1/partners/x")
+        .await
+        .unwrap();
+    assert_error(&bad_id, 400, ErrorCode::RequestMalformed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_in_testing_reaches_test_users_only_until_activated() {
+    let mut relay = ControlRelay::start("testing_partner");
+    let operator = relay.api(Who::Operator);
+    let three = relay.new_network(3);
+    let added = operator
+        .post("/v1/partners", &relay.partner_body(&three, "testing"))
+        .await
+        .unwrap();
+    assert_eq!(added.status, 201, "{}", added.body);
+    assert_eq!(added.body["status"], "testing");
+
+    let partner_user = user(three.id, 0x31);
+    ok(relay.enlist_as(&three, &partner_user, false).await);
+    let plain = user(GATEKEEPER, 0x11);
+    let tester = user(GATEKEEPER, 0x12);
+    relay.enlist(&plain, &Enlist::default()).await;
+    relay
+        .enlist(
+            &tester,
+            &Enlist {
+                test: true,
+                ..Enlist::default()
+            },
+        )
+        .await;
+
+    let mut sender = relay.session_as(&three).await.expect("network 3 connects");
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let to_plain = envelope(partner_user.device(client::DeviceId(1)), plain);
+    sender.send_envelope(&to_plain, b"hi").await;
+    sender
+        .expect_rejected(to_plain.message_id, ErrorCode::PartnerTesting)
+        .await;
+    let to_tester = envelope(partner_user.device(client::DeviceId(1)), tester);
+    sender.send_accepted(&to_tester, b"hi").await;
+    let delivered = gatekeeper.expect_delivery().await;
+    assert_eq!(delivered.id(), to_tester.message_id);
+
+    // Activation is recorded with its reason and opens the network to everyone.
+    let activated = ok(operator
+        .post(
+            "/v1/partners/3/status",
+            &json!({"status": "active", "reason": "conformance suite passed"}),
+        )
+        .await
+        .unwrap());
+    assert_eq!(activated["history"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        activated["history"][1]["reason"],
+        "conformance suite passed"
     );
+    assert_eq!(activated["history"][1]["from"], "testing");
+    // Its sessions are told.
+    match sender.event().await {
+        Event::Notice(notice) => {
+            assert!(
+                notice.text.contains("conformance suite passed"),
+                "{}",
+                notice.text
+            )
+        }
+        other => panic!("expected the status notice, got {other:?}"),
+    }
+    let again = envelope(partner_user.device(client::DeviceId(1)), plain);
+    sender.send_accepted(&again, b"hi").await;
+    assert_eq!(gatekeeper.expect_delivery().await.id(), again.message_id);
+
+    // The registration survives a restart.
+    drop((sender, gatekeeper));
+    relay.restart(|_| {});
+    let shown = ok(relay
+        .api(Who::Operator)
+        .get("/v1/partners/3")
+        .await
+        .unwrap());
+    assert_eq!(shown["status"], "active");
+    assert_eq!(shown["source"], "api");
+    relay
+        .session_as(&three)
+        .await
+        .expect("network 3 still connects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspension_needs_a_statutory_ground_and_stops_traffic_both_ways() {
+    let relay = ControlRelay::start("suspension");
+    let operator = relay.api(Who::Operator);
+    let three = relay.new_network(3);
+    ok(operator
+        .post("/v1/partners", &relay.partner_body(&three, "active"))
+        .await
+        .unwrap());
+    let theirs = user(three.id, 0x31);
+    let ours = user(GATEKEEPER, 0x11);
+    ok(relay.enlist_as(&three, &theirs, false).await);
+    relay.enlist(&ours, &Enlist::default()).await;
+    let mut session = relay.session_as(&three).await.expect("connects");
+    session.declare(theirs, &[1]).await;
+
+    let no_ground = operator
+        .post(
+            "/v1/partners/3/status",
+            &json!({"status": "suspended", "reason": "spam"}),
+        )
+        .await
+        .unwrap();
+    assert_error(&no_ground, 400, ErrorCode::GroundRequired);
+    let no_reason = operator
+        .post(
+            "/v1/partners/3/status",
+            &json!({"status": "suspended", "reason": " ", "ground": "security"}),
+        )
+        .await
+        .unwrap();
+    assert_error(&no_reason, 400, ErrorCode::GroundRequired);
+    let not_a_ground = operator
+        .post(
+            "/v1/partners/3/status",
+            &json!({"status": "suspended", "reason": "x", "ground": "dislike"}),
+        )
+        .await
+        .unwrap();
+    assert_error(&not_a_ground, 400, ErrorCode::RequestMalformed);
+    let by_partner = relay
+        .api(Who::Partner)
+        .post(
+            "/v1/partners/3/status",
+            &json!({"status": "suspended", "reason": "x", "ground": "security"}),
+        )
+        .await
+        .unwrap();
+    assert_error(&by_partner, 403, ErrorCode::OperatorRequired);
+
+    let suspended = ok(operator
+        .post(
+            "/v1/partners/3/status",
+            &json!({"status": "suspended", "reason": "compromised signing key", "ground": "security"}),
+        )
+        .await
+        .unwrap());
+    assert_eq!(suspended["history"][1]["ground"], "security");
+    // Its open session is told why, then closed.
+    match session.event().await {
+        Event::Notice(notice) => {
+            assert_eq!(notice.kind, NoticeKind::Suspension);
+            assert_eq!(notice.code, ErrorCode::PartnerSuspended.as_u16());
+            assert!(
+                notice.text.contains("compromised signing key"),
+                "{}",
+                notice.text
+            );
+        }
+        other => panic!("expected the suspension notice, got {other:?}"),
+    }
+    session.expect_error(ErrorCode::PartnerSuspended).await;
+    // New sessions are refused; nothing reaches its users.
+    match relay.session_as(&three).await {
+        Err(client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, ErrorCode::PartnerSuspended.as_u16())
+        }
+        Err(other) => panic!("expected PARTNER_SUSPENDED, got {other}"),
+        Ok(_) => panic!("a suspended network connected"),
+    }
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let to_them = envelope(ours.device(client::DeviceId(1)), theirs);
+    gatekeeper.send_envelope(&to_them, b"x").await;
+    gatekeeper
+        .expect_rejected(to_them.message_id, ErrorCode::PartnerSuspended)
+        .await;
+    // The partner learns it from its feed too.
+    let feed = events(&relay.api_as(&three)).await;
+    assert!(
+        feed.iter()
+            .any(|e| e["kind"] == "partner_status" && e["data"]["status"] == "suspended"),
+        "{feed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_partner_checks_every_field() {
+    let relay = ControlRelay::start("partner_fields");
+    let operator = relay.api(Who::Operator);
+    let three = relay.new_network(3);
+    let body = relay.partner_body(&three, "testing");
+    let cases = [
+        ("id", json!(1), 409, ErrorCode::AlreadyExists),
+        ("id", json!(0), 400, ErrorCode::RequestMalformed),
+        (
+            "cert_sha256",
+            json!(["abc"]),
+            400,
+            ErrorCode::RequestMalformed,
+        ),
+        ("cert_sha256", json!([]), 400, ErrorCode::RequestMalformed),
+        (
+            "token_public_key",
+            json!("not base64!"),
+            400,
+            ErrorCode::RequestMalformed,
+        ),
+        (
+            "architecture",
+            json!("carrier-pigeon"),
+            400,
+            ErrorCode::RequestMalformed,
+        ),
+        (
+            "status",
+            json!("suspended"),
+            400,
+            ErrorCode::RequestMalformed,
+        ),
+        ("reason", json!(""), 400, ErrorCode::GroundRequired),
+        ("name", json!(""), 400, ErrorCode::RequestMalformed),
+        ("unknown_field", json!(1), 400, ErrorCode::RequestMalformed),
+    ];
+    for (field, value, status, code) in cases {
+        let mut bad = body.clone();
+        bad[field] = value;
+        let answer = operator.post("/v1/partners", &bad).await.unwrap();
+        assert_error(&answer, status, code);
+    }
+    // A certificate that already speaks for a network.
+    let gatekeeper_fingerprint =
+        ok(operator.get("/v1/partners/1").await.unwrap())["cert_sha256"][0].clone();
+    let mut taken = body.clone();
+    taken["cert_sha256"] = json!([gatekeeper_fingerprint]);
+    assert_error(
+        &operator.post("/v1/partners", &taken).await.unwrap(),
+        409,
+        ErrorCode::AlreadyExists,
+    );
+    let raw = operator
+        .call_raw(
+            "POST",
+            "/v1/partners",
+            bytes::Bytes::from_static(b"{\"id\": 3,"),
+        )
+        .await
+        .unwrap();
+    assert_error(&raw, 400, ErrorCode::RequestMalformed);
+    let huge = operator
+        .call_raw(
+            "POST",
+            "/v1/partners",
+            bytes::Bytes::from(vec![b' '; 2 << 20]),
+        )
+        .await
+        .unwrap();
+    assert_error(&huge, 413, ErrorCode::BodyTooLarge);
+    assert_eq!(
+        operator.post("/v1/partners", &body).await.unwrap().status,
+        201
+    );
+    assert_error(
+        &operator.post("/v1/partners", &body).await.unwrap(),
+        409,
+        ErrorCode::AlreadyExists,
+    );
+}
+
+// ---------------------------------------------------------------- 2. identifiers
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_are_validated_unique_and_changeable() {
+    let relay = ControlRelay::start("identifiers");
+    let alice = user(PARTNER, 0x21);
+    let bob = user(PARTNER, 0x22);
+    let body = relay
+        .enlist(
+            &alice,
+            &Enlist {
+                identifiers: vec![
+                    ("phone", "+49 170 123-4567".into()),
+                    ("email", "Alice@Example.org".into()),
+                    ("username", "Alice_21".into()),
+                ],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    // Stored in normal form.
+    assert_eq!(body["identifiers"][0]["value"], "+491701234567");
+    assert_eq!(body["identifiers"][1]["value"], "alice@example.org");
+    assert_eq!(body["identifiers"][2]["value"], "alice_21");
+
+    for (kind, value) in [
+        ("phone", "01701234567"),
+        ("phone", "+49 170 abc"),
+        ("email", "alice.example.org"),
+        ("username", "a"),
+    ] {
+        let answer = relay
+            .try_enlist(
+                &bob,
+                &Enlist {
+                    identifiers: vec![(kind, value.into())],
+                    ..Enlist::default()
+                },
+            )
+            .await;
+        assert_error(&answer, 400, ErrorCode::IdentifierInvalid);
+    }
+    let taken = relay
+        .try_enlist(
+            &bob,
+            &Enlist {
+                identifiers: vec![("phone", "+491701234567".into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    assert_error(&taken, 409, ErrorCode::IdentifierTaken);
+
+    // A change: the old identifier stops resolving, the new one resolves, the user keeps
+    // its internal id.
+    let partner = relay.api(Who::Partner);
+    let path = format!("{}/identifiers/change", user_path(&alice));
+    let changed = ok(partner
+        .post(
+            &path,
+            &json!({"old": {"type": "username", "value": "alice_21"}, "new": {"type": "username", "value": "alice_new"}}),
+        )
+        .await
+        .unwrap());
+    assert_eq!(changed["user"], format!("{:032x}", 0x21));
+    let requester = user(GATEKEEPER, 0x11);
+    relay.enlist(&requester, &Enlist::default()).await;
+    let gatekeeper = relay.api(Who::Gatekeeper);
+    let lookup = |hash: String| json!({"requester": user_hex(&requester), "identifier_hash": hash});
+    let old = gatekeeper
+        .post(
+            "/v1/discovery/lookup",
+            &lookup(hash_of("username", "alice_21")),
+        )
+        .await
+        .unwrap();
+    assert_error(&old, 404, ErrorCode::NotFound);
+    let new = ok(gatekeeper
+        .post(
+            "/v1/discovery/lookup",
+            &lookup(hash_of("username", "alice_new")),
+        )
+        .await
+        .unwrap());
+    assert_eq!(new["user"]["user"], format!("{:032x}", 0x21));
+
+    // Hostile: a change of an identifier the user does not have, to a taken one, by
+    // another network.
+    let not_hers = partner
+        .post(
+            &path,
+            &json!({"old": {"type": "username", "value": "nobody"}, "new": {"type": "username", "value": "x_new"}}),
+        )
+        .await
+        .unwrap();
+    assert_error(&not_hers, 404, ErrorCode::NotFound);
+    relay
+        .enlist(
+            &bob,
+            &Enlist {
+                identifiers: vec![("username", "bob_22".into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    let to_taken = partner
+        .post(
+            &path,
+            &json!({"old": {"type": "username", "value": "alice_new"}, "new": {"type": "username", "value": "bob_22"}}),
+        )
+        .await
+        .unwrap();
+    assert_error(&to_taken, 409, ErrorCode::IdentifierTaken);
+    let foreign = gatekeeper
+        .post(
+            &path,
+            &json!({"old": {"type": "username", "value": "alice_new"}, "new": {"type": "username", "value": "stolen"}}),
+        )
+        .await
+        .unwrap();
+    assert_error(&foreign, 403, ErrorCode::ForeignResource);
+}
+
+// ---------------------------------------------------------------- 3. enlistment, consent
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enlistment_needs_a_valid_consent_and_gates_the_data_plane() {
+    let relay = ControlRelay::start("consent");
+    let alice = user(PARTNER, 0x21);
+    let gk = user(GATEKEEPER, 0x11);
+    let partner = relay.api(Who::Partner);
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let mut partner_session = relay.session(PARTNER).await;
+
+    // Before anyone opted in, nothing crosses.
+    let early = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&early, b"x").await;
+    gatekeeper
+        .expect_rejected(early.message_id, ErrorCode::SenderNotEnlisted)
+        .await;
+    relay.enlist(&gk, &Enlist::default()).await;
+    let early = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&early, b"x").await;
+    gatekeeper
+        .expect_rejected(early.message_id, ErrorCode::RecipientNotEnlisted)
+        .await;
+
+    // No consent, a forged one, one for someone else, a stale one, one from the future.
+    let path = user_path(&alice);
+    let no_consent = partner.put(&path, &json!({"devices": [1]})).await.unwrap();
+    assert_error(&no_consent, 400, ErrorCode::ConsentRequired);
+    let mut forged = relay.consent(&alice, "everyone", true);
+    forged["signature"] = relay.consent(&gk, "everyone", true)["signature"].clone();
+    let answer = partner
+        .put(&path, &json!({"consent": forged, "devices": [1]}))
+        .await
+        .unwrap();
+    assert_error(&answer, 400, ErrorCode::ConsentInvalid);
+    let someone_else = relay.consent(&user(PARTNER, 0x99), "everyone", true);
+    let answer = partner
+        .put(&path, &json!({"consent": someone_else, "devices": [1]}))
+        .await
+        .unwrap();
+    assert_error(&answer, 400, ErrorCode::ConsentInvalid);
+    let mut tampered = relay.consent(&alice, "request_always", true);
+    tampered["model"] = json!("everyone");
+    let answer = partner
+        .put(&path, &json!({"consent": tampered, "devices": [1]}))
+        .await
+        .unwrap();
+    assert_error(&answer, 400, ErrorCode::ConsentInvalid);
+    for at in [
+        common::now_ms() - 31 * 24 * 3_600_000,
+        common::now_ms() + 3_600_000,
+    ] {
+        let signature =
+            client::control::sign_consent(&relay.network_key(&alice), &alice, at, "everyone", true)
+                .unwrap();
+        let consent = json!({"opted_in_at_ms": at, "model": "everyone", "discoverable": true, "signature": signature});
+        let answer = partner
+            .put(&path, &json!({"consent": consent, "devices": [1]}))
+            .await
+            .unwrap();
+        assert_error(&answer, 400, ErrorCode::ConsentInvalid);
+    }
+    // The gatekeeper cannot enlist the partner's users, nor read them.
+    let foreign = relay
+        .api(Who::Gatekeeper)
+        .put(
+            &path,
+            &json!({"consent": relay.consent(&alice, "everyone", true)}),
+        )
+        .await
+        .unwrap();
+    assert_error(&foreign, 403, ErrorCode::ForeignResource);
+    assert_error(
+        &relay.api(Who::Gatekeeper).get(&path).await.unwrap(),
+        403,
+        ErrorCode::ForeignResource,
+    );
+    let bad_user = partner.get("/v1/users/2/not-hex").await.unwrap();
+    assert_error(&bad_user, 400, ErrorCode::RequestMalformed);
+    let operator = relay.api(Who::Operator).get(&path).await.unwrap();
+    assert_error(&operator, 403, ErrorCode::ForeignResource);
+
+    // With consent the user is enlisted (201), its record kept; then traffic passes.
+    let first = relay.try_enlist(&alice, &Enlist::default()).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert_eq!(first.body["enlisted"], true);
+    assert_eq!(first.body["consent"]["model"], "everyone");
+    assert_eq!(
+        relay.try_enlist(&alice, &Enlist::default()).await.status,
+        200
+    );
+    let message = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_accepted(&message, &payload("m", 40)).await;
+    assert_eq!(
+        partner_session.expect_delivery().await.id(),
+        message.message_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_on_first_contact_holds_everything_until_accepted() {
+    let relay = ControlRelay::start("request_always");
+    let alice = user(PARTNER, 0x21);
+    let gk = user(GATEKEEPER, 0x11);
+    relay
+        .enlist(
+            &alice,
+            &Enlist {
+                model: "request_always",
+                ..Enlist::default()
+            },
+        )
+        .await;
+    relay.enlist(&gk, &Enlist::default()).await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let mut partner_session = relay.session(PARTNER).await;
+
+    let first = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&first, b"hello?").await;
+    gatekeeper
+        .expect_rejected(first.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    let partner = relay.api(Who::Partner);
+    let request = wait_request(&partner, |r| r["recipient"]["user"] == user_hex(&alice)).await;
+    assert_eq!(request["sender"]["user"], user_hex(&gk));
+    assert_eq!(request["admits"]["user"]["user"], user_hex(&gk));
+    // Nothing of it reached the recipient, and the sender's network sees no request and
+    // no event about the recipient.
+    partner_session.assert_no_event_for(QUIET).await;
+    let gatekeeper_api = relay.api(Who::Gatekeeper);
+    let theirs = ok(gatekeeper_api.get("/v1/requests").await.unwrap());
+    assert_eq!(theirs["requests"], json!([]));
+    assert!(events(&gatekeeper_api).await.is_empty());
+    assert!(
+        events(&partner)
+            .await
+            .iter()
+            .any(|e| e["kind"] == "request_created")
+    );
+    // Retrying does not make a second request.
+    let second = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&second, b"hello??").await;
+    gatekeeper
+        .expect_rejected(second.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pending = ok(partner.get("/v1/requests?state=pending").await.unwrap());
+    assert_eq!(pending["requests"].as_array().unwrap().len(), 1);
+
+    // Only the recipient's network decides.
+    let id = request["id"].as_u64().unwrap();
+    let accept = format!("/v1/requests/{id}/accept");
+    assert_error(
+        &gatekeeper_api.post(&accept, &json!({})).await.unwrap(),
+        404,
+        ErrorCode::NotFound,
+    );
+    let accepted = ok(partner.post(&accept, &json!({})).await.unwrap());
+    assert_eq!(accepted["state"], "accepted");
+    assert_error(
+        &partner.post(&accept, &json!({})).await.unwrap(),
+        409,
+        ErrorCode::RequestDecided,
+    );
+    assert!(
+        events(&gatekeeper_api)
+            .await
+            .iter()
+            .any(|e| e["kind"] == "request_accepted" && e["data"]["request"] == id)
+    );
+    // The refused envelopes were not held: only new ones arrive, and replies pass.
+    let third = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_accepted(&third, b"hi").await;
+    let delivered = partner_session.expect_delivery().await;
+    assert_eq!(delivered.id(), third.message_id);
+    partner_session.ack_delivery(&delivered).await;
+    let reply = envelope(alice.device(client::DeviceId(1)), gk);
+    partner_session.send_accepted(&reply, b"hello").await;
+    assert_eq!(gatekeeper.expect_delivery().await.id(), reply.message_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_never_disclosed_to_the_sender() {
+    let relay = ControlRelay::start("request_refused");
+    let alice = user(PARTNER, 0x21);
+    let gk = user(GATEKEEPER, 0x11);
+    relay
+        .enlist(
+            &alice,
+            &Enlist {
+                model: "request_always",
+                ..Enlist::default()
+            },
+        )
+        .await;
+    relay.enlist(&gk, &Enlist::default()).await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let first = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&first, b"x").await;
+    gatekeeper
+        .expect_rejected(first.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    let partner = relay.api(Who::Partner);
+    let request = wait_request(&partner, |_| true).await;
+    let id = request["id"].as_u64().unwrap();
+    let refused = ok(partner
+        .post(&format!("/v1/requests/{id}/refuse"), &json!({}))
+        .await
+        .unwrap());
+    assert_eq!(refused["state"], "refused");
+    // The sender sees the same answer as before, learns nothing from its feed, and no new
+    // request pesters the recipient.
+    let later = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&later, b"x").await;
+    gatekeeper
+        .expect_rejected(later.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    assert!(events(&relay.api(Who::Gatekeeper)).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pending = ok(partner.get("/v1/requests?state=pending").await.unwrap());
+    assert_eq!(pending["requests"], json!([]));
+    let bad_state = partner.get("/v1/requests?state=maybe").await.unwrap();
+    assert_error(&bad_state, 400, ErrorCode::RequestMalformed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_book_and_per_network_models() {
+    let relay = ControlRelay::start("models");
+    let friend = user(GATEKEEPER, 0x11);
+    let stranger = user(GATEKEEPER, 0x12);
+    let careful = user(PARTNER, 0x21);
+    let per_network = user(PARTNER, 0x22);
+    relay
+        .enlist(
+            &friend,
+            &Enlist {
+                identifiers: vec![("phone", "+4915112345678".into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    relay.enlist(&stranger, &Enlist::default()).await;
+    relay
+        .enlist(
+            &careful,
+            &Enlist {
+                model: "request_unknown",
+                ..Enlist::default()
+            },
+        )
+        .await;
+    relay
+        .enlist(
+            &per_network,
+            &Enlist {
+                model: "request_per_network",
+                ..Enlist::default()
+            },
+        )
+        .await;
+    let partner = relay.api(Who::Partner);
+    let book = ok(partner
+        .put(
+            &format!("{}/contact-book", user_path(&careful)),
+            &json!({"hashes": [hash_of("phone", "+4915112345678")]}),
+        )
+        .await
+        .unwrap());
+    assert_eq!(book["contacts"], 1);
+    let bad_book = partner
+        .put(
+            &format!("{}/contact-book", user_path(&careful)),
+            &json!({"hashes": ["nothex"]}),
+        )
+        .await
+        .unwrap();
+    assert_error(&bad_book, 400, ErrorCode::RequestMalformed);
+
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let mut partner_session = relay.session(PARTNER).await;
+    // (iii): someone in the book gets through, a stranger makes a request.
+    let known = envelope(friend.device(client::DeviceId(1)), careful);
+    gatekeeper.send_accepted(&known, b"x").await;
+    assert_eq!(
+        partner_session.expect_delivery().await.id(),
+        known.message_id
+    );
+    let unknown = envelope(stranger.device(client::DeviceId(1)), careful);
+    gatekeeper.send_envelope(&unknown, b"x").await;
+    gatekeeper
+        .expect_rejected(unknown.message_id, ErrorCode::MessageRequestPending)
+        .await;
+
+    // (iv): the first contact from a network is a request for the whole network.
+    let first = envelope(friend.device(client::DeviceId(1)), per_network);
+    gatekeeper.send_envelope(&first, b"x").await;
+    gatekeeper
+        .expect_rejected(first.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    let request = wait_request(&partner, |r| r["admits"]["network"] == 1).await;
+    let id = request["id"].as_u64().unwrap();
+    ok(partner
+        .post(&format!("/v1/requests/{id}/accept"), &json!({}))
+        .await
+        .unwrap());
+    // Now anyone on that network gets through, not only the first sender.
+    let from_stranger = envelope(stranger.device(client::DeviceId(1)), per_network);
+    gatekeeper.send_accepted(&from_stranger, b"x").await;
+    assert_eq!(
+        partner_session.expect_delivery().await.id(),
+        from_stranger.message_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opting_out_deletes_queued_messages_and_tells_other_networks() {
+    let mut relay = ControlRelay::start("opt_out");
+    let alice = user(PARTNER, 0x21);
+    let gk = user(GATEKEEPER, 0x11);
+    relay
+        .enlist(
+            &alice,
+            &Enlist {
+                identifiers: vec![("email", "alice@example.org".into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    relay.enlist(&gk, &Enlist::default()).await;
+    // The partner is offline: the envelopes wait in the relay's queue.
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    for _ in 0..3 {
+        let message = envelope(gk.device(client::DeviceId(1)), alice);
+        gatekeeper.send_accepted(&message, b"queued").await;
+    }
+    let partner = relay.api(Who::Partner);
+    let out = ok(partner.delete(&user_path(&alice)).await.unwrap());
+    assert_eq!(out["enlisted"], false);
+    assert_eq!(out["identifiers"], json!([]));
+    assert!(out["consent"].is_null());
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        common::metric_sum(&metrics, "relay_shard_purged_total"),
+        3,
+        "{metrics}"
+    );
+    // When its server comes back, nothing of it is delivered.
+    let mut partner_session = relay.session(PARTNER).await;
+    partner_session.assert_no_event_for(QUIET).await;
+    // It is unreachable, it no longer resolves, the others are told; twice is NOT_FOUND.
+    let after = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&after, b"x").await;
+    gatekeeper
+        .expect_rejected(after.message_id, ErrorCode::RecipientNotEnlisted)
+        .await;
+    let lookup = relay
+        .api(Who::Gatekeeper)
+        .post(
+            "/v1/discovery/lookup",
+            &json!({"requester": user_hex(&gk), "identifier_hash": hash_of("email", "alice@example.org")}),
+        )
+        .await
+        .unwrap();
+    assert_error(&lookup, 404, ErrorCode::NotFound);
+    let told = events(&relay.api(Who::Gatekeeper)).await;
+    assert!(
+        told.iter()
+            .any(|e| e["kind"] == "user_delisted" && e["data"]["user"]["user"] == user_hex(&alice)),
+        "{told:?}"
+    );
+    assert!(events(&partner).await.is_empty());
+    assert_error(
+        &partner.delete(&user_path(&alice)).await.unwrap(),
+        404,
+        ErrorCode::NotFound,
+    );
+    // And it stays so across a restart; the deleted messages do not come back.
+    drop((gatekeeper, partner_session));
+    relay.restart(|_| {});
+    let mut partner_session = relay.session(PARTNER).await;
+    partner_session.assert_no_event_for(QUIET).await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let after = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&after, b"x").await;
+    gatekeeper
+        .expect_rejected(after.message_id, ErrorCode::RecipientNotEnlisted)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_and_accepted_requests_survive_a_restart() {
+    let mut relay = ControlRelay::start("restart");
+    let alice = user(PARTNER, 0x21);
+    let gk = user(GATEKEEPER, 0x11);
+    relay
+        .enlist(
+            &alice,
+            &Enlist {
+                model: "request_always",
+                ..Enlist::default()
+            },
+        )
+        .await;
+    relay.enlist(&gk, &Enlist::default()).await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let first = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_envelope(&first, b"x").await;
+    gatekeeper
+        .expect_rejected(first.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    let partner = relay.api(Who::Partner);
+    let request = wait_request(&partner, |_| true).await;
+    let id = request["id"].as_u64().unwrap();
+    ok(partner
+        .post(&format!("/v1/requests/{id}/accept"), &json!({}))
+        .await
+        .unwrap());
+    drop(gatekeeper);
+    relay.restart(|_| {});
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let mut partner_session = relay.session(PARTNER).await;
+    let message = envelope(gk.device(client::DeviceId(1)), alice);
+    gatekeeper.send_accepted(&message, b"x").await;
+    assert_eq!(
+        partner_session.expect_delivery().await.id(),
+        message.message_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_refuses_strangers_and_plain_http() {
+    let relay = ControlRelay::start("strangers");
+    // Plain HTTP: /metrics and /healthz only.
+    let metrics = relay.metrics().await;
+    assert!(metrics.contains("relay_policy_enforced 1"), "{metrics}");
+    let plain = plain_get(relay.http, "/v1/partners").await;
+    assert!(plain.starts_with("HTTP/1.1 401"), "{plain}");
+    assert!(plain.contains("CERTIFICATE_REQUIRED"), "{plain}");
+    let unknown_route = relay.api(Who::Operator).get("/v1/nothing").await.unwrap();
+    assert_error(&unknown_route, 404, ErrorCode::NotFound);
+    let wrong_method = relay
+        .api(Who::Operator)
+        .delete("/v1/partners")
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status, 405, "{}", wrong_method.body);
+    // A certificate from the CA that no network or operator owns.
+    let four = relay.new_network(4);
+    let answer = relay.api_as(&four).get("/v1/events").await.unwrap();
+    assert_error(&answer, 403, ErrorCode::CertificateUnknown);
+    let bad_query = relay
+        .api(Who::Partner)
+        .get("/v1/events?after=-1")
+        .await
+        .unwrap();
+    assert_error(&bad_query, 400, ErrorCode::RequestMalformed);
+}
+
+async fn plain_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
 }

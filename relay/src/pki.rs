@@ -83,17 +83,11 @@ impl DevPki {
 
     fn generate(&self) -> Result<(), Box<dyn std::error::Error>> {
         let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "Article 7 Relay development CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let ca_params = ca_params()?;
         let ca_cert = ca_params.self_signed(&ca_key)?;
+        // Kept (0600) so that more development identities can be issued later
+        // (`DevPki::issue_client`); a real deployment's CA key never sits on the relay.
+        write(&self.dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
         let issuer = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate()?;
@@ -169,6 +163,41 @@ impl DevPki {
                 })
             })
             .collect()
+    }
+}
+
+/// The development CA's parameters: the same every time, so a certificate issued later with
+/// the saved key names exactly the CA certificate's subject.
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Article 7 Relay development CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+impl DevPki {
+    /// Issues a client certificate named `name` from the development CA: (certificate PEM,
+    /// key PEM). For development and tests that register more networks.
+    pub fn issue_client(&self, name: &str) -> Result<(String, String), String> {
+        let ca_key_path = self.dir.join("ca.key");
+        let pem = fs::read_to_string(&ca_key_path)
+            .map_err(|e| format!("{}: {e}", ca_key_path.display()))?;
+        let ca_key =
+            KeyPair::from_pem(&pem).map_err(|e| format!("{}: {e}", ca_key_path.display()))?;
+        let issuer = Issuer::new(ca_params().map_err(|e| e.to_string())?, ca_key);
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 

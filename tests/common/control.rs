@@ -11,6 +11,7 @@ use client::control::{ApiResponse, ControlClient, identifier_hash, sign_consent,
 use client::{ClientTls, Role, UserAddress, connect};
 use relay::config::Config;
 use relay::server::Server;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
 use super::{GATEKEEPER, PARTNER, RELAYS, STEP_TIMEOUT, Session, now_ms};
@@ -282,4 +283,118 @@ pub fn ok(response: ApiResponse) -> Value {
         response.body
     );
     response.body
+}
+
+/// A network registered during a test: its certificate, fingerprint and Ed25519 key.
+pub struct ExtraNetwork {
+    pub id: client::NetworkId,
+    pub tls: ClientTls,
+    pub fingerprint: String,
+    pub key_pkcs8: Vec<u8>,
+}
+
+impl ControlRelay {
+    /// Issues a client certificate and an Ed25519 key for network `id` from the dev PKI;
+    /// does not register it.
+    pub fn new_network(&self, id: u32) -> ExtraNetwork {
+        let pki = relay::pki::DevPki {
+            dir: self.dir.join("pki"),
+        };
+        let (cert_pem, key_pem) = pki
+            .issue_client(&format!("network-{id}"))
+            .expect("issue cert");
+        let ca = std::fs::read(self.pki("ca.pem")).expect("ca");
+        let tls = ClientTls::from_pem(&ca, Some((cert_pem.as_bytes(), key_pem.as_bytes())))
+            .expect("client TLS");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .expect("cert der");
+        ExtraNetwork {
+            id: client::NetworkId(id),
+            tls,
+            fingerprint: client::control::hex(&relay::pki::sha256(&der)),
+            key_pkcs8: client::generate_network_key(),
+        }
+    }
+
+    /// The registration body for `network` (proxy, with its key for consent records).
+    pub fn partner_body(&self, network: &ExtraNetwork, status: &str) -> Value {
+        use base64::Engine as _;
+        let public = client::network_public_key(&network.key_pkcs8).expect("public key");
+        json!({
+            "id": network.id.0,
+            "name": format!("partner-{}", network.id.0),
+            "cert_sha256": [network.fingerprint],
+            "token_public_key": base64::engine::general_purpose::STANDARD.encode(public),
+            "architecture": "proxy",
+            "status": status,
+            "reason": "interoperability agreement signed",
+        })
+    }
+
+    /// An API client with `network`'s certificate.
+    pub fn api_as(&self, network: &ExtraNetwork) -> ControlClient {
+        ControlClient::new(self.http, network.tls.clone(), "localhost").expect("control client")
+    }
+
+    /// A data-plane server session of `network`.
+    pub async fn session_as(&self, network: &ExtraNetwork) -> Result<Session, client::ClientError> {
+        let options =
+            client::ConnectOptions::new(self.addr, network.tls.clone(), Role::PartnerServer)
+                .agent("relay-control-e2e/1")
+                .connect_timeout(STEP_TIMEOUT);
+        Ok(Session::new(
+            format!("server{}", network.id.0),
+            connect(options).await?,
+        ))
+    }
+
+    /// Enlists a user of an extra network with a consent signed by its key.
+    pub async fn enlist_as(
+        &self,
+        network: &ExtraNetwork,
+        user: &UserAddress,
+        test: bool,
+    ) -> ApiResponse {
+        let at = now_ms();
+        let signature = sign_consent(&network.key_pkcs8, user, at, "everyone", true).expect("sign");
+        let body = json!({
+            "consent": {"opted_in_at_ms": at, "model": "everyone", "discoverable": true, "signature": signature},
+            "devices": [1],
+            "test": test,
+            "location": {"country": "FR", "observed_at_ms": at},
+        });
+        self.api_as(network)
+            .put(&user_path(user), &body)
+            .await
+            .expect("enlist call")
+    }
+}
+
+/// Polls `GET /v1/requests?state=pending` as `who` until `pred` finds one (requests are
+/// stored asynchronously), and returns it.
+pub async fn wait_request(api: &ControlClient, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let list = ok(api
+            .get("/v1/requests?state=pending")
+            .await
+            .expect("requests"));
+        if let Some(found) = list["requests"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| pred(r)))
+        {
+            return found.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no such request: {list}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The `GET /v1/events?after=0` feed of `api`'s network.
+pub async fn events(api: &ControlClient) -> Vec<Value> {
+    let body = ok(api.get("/v1/events?after=0").await.expect("events"));
+    body["events"].as_array().cloned().unwrap_or_default()
 }

@@ -26,6 +26,9 @@ use crate::core::shard::{Shard, ShardInput, ShardOutput};
 pub enum CoreMsg {
     Shard(ShardInput),
     Conn(ShardOutput),
+    /// Answered once everything before it in the batch has been handled: how the control
+    /// plane knows a change reached the shard before it answers its caller.
+    Barrier(crossbeam_channel::Sender<()>),
 }
 
 pub type Batch = Vec<CoreMsg>;
@@ -458,6 +461,7 @@ impl Core {
         loop {
             notify.notified().await;
             let started = Instant::now();
+            let mut barriers = Vec::new();
             while let Ok(batch) = self.inbox.try_recv() {
                 let now = now_ms();
                 for msg in batch {
@@ -466,11 +470,16 @@ impl Core {
                             self.shard.borrow_mut().handle(now, input);
                         }
                         CoreMsg::Conn(output) => self.apply(output),
+                        CoreMsg::Barrier(done) => barriers.push(done),
                     }
                 }
                 self.drain_shard();
             }
             self.flush().await;
+            // Answered once the outputs of what came before went to their connections.
+            for done in barriers {
+                let _ = done.send(());
+            }
             self.record_turn(started);
             if self.shared.stopping.load(Ordering::Acquire) && self.conns.borrow().is_empty() {
                 return;

@@ -36,6 +36,8 @@ impl ShardInjector {
         let _ = self.shared.set(shared);
     }
 
+    /// Hands `input` to the shard's core and waits until the core has handled it, so that
+    /// what the control plane answers its caller is already true on the data plane.
     fn send(&self, shard: u16, input: ShardInput) {
         let Some(shared) = self.shared.get() else {
             return;
@@ -44,10 +46,9 @@ impl ShardInjector {
         let Some(sender) = shared.senders.get(index) else {
             return;
         };
-        if sender
-            .send_timeout(vec![CoreMsg::Shard(input)], SEND_TIMEOUT)
-            .is_err()
-        {
+        let (done, handled) = crossbeam_channel::bounded(1);
+        let batch = vec![CoreMsg::Shard(input), CoreMsg::Barrier(done)];
+        if sender.send_timeout(batch, SEND_TIMEOUT).is_err() {
             tracing::warn!(
                 shard,
                 "control plane: a core's inbox stayed full; request dropped"
@@ -55,6 +56,12 @@ impl ShardInjector {
             return;
         }
         shared.notifies[index].notify_one();
+        if handled.recv_timeout(SEND_TIMEOUT).is_err() {
+            tracing::warn!(
+                shard,
+                "control plane: a core did not confirm a change in time"
+            );
+        }
     }
 
     fn shard_of(&self, user: &UserAddress) -> u16 {
