@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use codec::*;
 use relay::core::ConnId;
 use relay::core::auth::{Auth, NetworkEntry};
+use relay::core::policy::{ConsentModel, Policy, UserPolicy};
 use relay::core::queue::MemoryQueue;
 use relay::core::session::{Session, SessionContext, SessionEvent, write_ack};
 use relay::core::shard::{Shard, ShardOutput};
@@ -54,6 +55,7 @@ const USERS: u32 = 100;
 
 struct Harness {
     auth: Auth,
+    policy: Policy,
     limits: RelayLimits,
     shard: Shard<MemoryQueue>,
     gatekeeper: Session,
@@ -100,8 +102,33 @@ impl Harness {
             dedup_entries_max: 1024,
             ..RelayLimits::default()
         };
+        // The interop rules enforced, every user enlisted: the policy check is on the path
+        // measured.
+        let policy = Policy::new(true);
+        let enlisted = || UserPolicy {
+            enlisted: true,
+            test: false,
+            model: ConsentModel::Everyone,
+            in_region: true,
+            region_until_ms: None,
+            identifiers: Vec::new(),
+            contact_book: std::sync::Arc::default(),
+        };
+        for u in 0..7u32 {
+            policy.set_user(
+                UserAddress::new(NetworkId(1), UserId(u128::from(u))),
+                enlisted(),
+            );
+        }
+        for u in 0..USERS {
+            policy.set_user(
+                UserAddress::new(NetworkId(2), UserId(u128::from(u))),
+                enlisted(),
+            );
+        }
         Harness {
             auth,
+            policy,
             limits,
             shard: Shard::new(limits),
             gatekeeper: Session::new(GATEKEEPER_CONN, 1),
@@ -132,6 +159,7 @@ impl Harness {
             let cx = SessionContext {
                 now_ms,
                 auth: &self.auth,
+                policy: &self.policy,
                 peer_cert: Some(cert),
                 limits: &self.limits,
                 shards: 1,
@@ -184,6 +212,7 @@ impl Harness {
                 }
                 ShardOutput::Load { .. } => panic!("a load without a log"),
                 ShardOutput::Close { code, .. } => panic!("closed with {code}"),
+                ShardOutput::Send { .. } => panic!("a notice nobody asked for"),
             }
         }
     }
@@ -265,6 +294,11 @@ fn routing_envelopes_allocates_nothing_per_message() {
     let stats = h.shard.stats();
     assert_eq!(stats.queued_frames, 0, "every delivery was acknowledged");
     assert!(stats.released >= 2 * measured);
+    assert!(h.policy.checked.load(std::sync::atomic::Ordering::Relaxed) >= 2 * measured);
+    assert_eq!(
+        h.policy.refused.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     // The devices acknowledge each round, so the decoder's read block is free again when the
     // next frames arrive and is reused; under a backlog a new block is taken per block of
     // frames still queued (not per message).

@@ -164,7 +164,7 @@ impl World {
                         );
                         self.shard.on_loaded(device, seq, Some(frame));
                     }
-                    ShardOutput::Close { .. } => {}
+                    ShardOutput::Close { .. } | ShardOutput::Send { .. } => {}
                 }
             }
             if !progressed {

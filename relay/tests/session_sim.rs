@@ -49,6 +49,8 @@ struct World {
     now_ms: u64,
     limits: RelayLimits,
     auth: Auth,
+    /// The interop rules are the control plane's subject (tests/control_*.rs); here off.
+    policy: relay::core::policy::Policy,
     key: Ed25519KeyPair,
     shards: Vec<Shard<MemoryQueue>>,
     conns: HashMap<ConnId, Conn>,
@@ -115,6 +117,7 @@ impl World {
             now_ms: 1_800_000_000_000,
             limits,
             auth,
+            policy: relay::core::policy::Policy::new(false),
             key,
             shards: (0..SHARDS).map(|_| Shard::new(limits)).collect(),
             conns: HashMap::new(),
@@ -169,6 +172,7 @@ impl World {
             let cx = SessionContext {
                 now_ms: self.now_ms,
                 auth: &self.auth,
+                policy: &self.policy,
                 peer_cert: c.cert,
                 limits: &self.limits,
                 shards: SHARDS,
@@ -204,6 +208,7 @@ impl World {
                     | ShardOutput::Ack { conn, .. }
                     | ShardOutput::Close { conn, .. } => *conn,
                     ShardOutput::Load { .. } => return Err("a load without a log".into()),
+                    ShardOutput::Send { .. } => return Err("a notice nobody asked for".into()),
                 };
                 let Some(c) = self.conns.get_mut(&target).filter(|c| c.open) else {
                     continue;
@@ -234,7 +239,9 @@ impl World {
                         c.session.on_relay_ack();
                         write_ack(&mut c.out, id, address, result);
                     }
-                    ShardOutput::Load { .. } => return Err("a load without a log".into()),
+                    ShardOutput::Load { .. } | ShardOutput::Send { .. } => {
+                        return Err("unexpected shard output".into());
+                    }
                     ShardOutput::Close { code, .. } => {
                         error(&mut c.out, &mut Vec::new(), code, None, true, "closed");
                         return Err(format!("{target:?} closed by the relay: {code}"));

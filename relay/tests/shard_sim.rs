@@ -171,6 +171,7 @@ impl World {
                         }
                     },
                     ShardOutput::Load { .. } => return Err("a load without a log".into()),
+                    ShardOutput::Send { .. } => return Err("a notice nobody asked for".into()),
                     ShardOutput::Close { code, .. } => {
                         return Err(format!("a connection was closed with {code}"));
                     }
