@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::config::Config;
-use crate::control::ControlPlane;
+use crate::control::{ControlPlane, Links};
 use crate::core::auth::Auth;
 use crate::core::policy::Policy;
 use crate::http::{HttpContext, HttpServer};
@@ -41,9 +41,11 @@ impl Server {
                 config.interop.clone(),
                 &networks,
                 config.dev_operators(),
-                auth.clone(),
-                policy.clone(),
-                injector.clone(),
+                Links {
+                    auth: auth.clone(),
+                    policy: policy.clone(),
+                    data_plane: injector.clone(),
+                },
                 now_ms(),
             )
             .map_err(|e| format!("control plane: {e}"))?,

@@ -288,10 +288,7 @@ impl ControlPlane {
                 ErrorCode::RecipientNotEnlisted => ApiError::not_found(),
                 code => ApiError::new(
                     code,
-                    format!(
-                        "{} may not reach this user now",
-                        UserRef::of(requester).user.0
-                    ),
+                    format!("user {:032x} may not reach this user now", requester.user.0),
                 ),
             });
         }
@@ -358,8 +355,10 @@ impl ControlPlane {
                     Protocol::Signal => keys.one_time_prekeys,
                     Protocol::Mls => keys.key_packages,
                 };
-                // Told once when the stock crosses the mark, and at every claim once empty.
-                if (left + 1 == low && !bundle.last_resort) || bundle.last_resort {
+                // Told when the stock crosses the mark, when the last one-time key goes, and
+                // at every claim served from the last-resort key.
+                let crossed = !bundle.last_resort && (left + 1 == low || left == 0);
+                if crossed || bundle.last_resort {
                     events::append(
                         tx,
                         now_ms,

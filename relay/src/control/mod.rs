@@ -217,6 +217,15 @@ pub struct ControlPlane {
     writer: Mutex<()>,
 }
 
+/// What the control plane shares with the data plane: the handshake table and the policy it
+/// writes, and the way in for changes the shards must carry out.
+#[derive(Debug, Clone)]
+pub struct Links {
+    pub auth: Arc<Auth>,
+    pub policy: Arc<Policy>,
+    pub data_plane: Arc<dyn DataPlane>,
+}
+
 impl ControlPlane {
     /// Opens (or creates) the store under `data_dir`, registers the configured networks, and
     /// loads the policy table.
@@ -225,11 +234,14 @@ impl ControlPlane {
         settings: InteropSettings,
         configured: &[crate::core::auth::NetworkEntry],
         extra_operators: Vec<[u8; 32]>,
-        auth: Arc<Auth>,
-        policy: Arc<Policy>,
-        data_plane: Arc<dyn DataPlane>,
+        links: Links,
         now_ms: u64,
     ) -> Result<ControlPlane, String> {
+        let Links {
+            auth,
+            policy,
+            data_plane,
+        } = links;
         settings.validate()?;
         let store = Store::open(&data_dir.join("control.redb")).map_err(|e| e.0)?;
         let mut operators = extra_operators;

@@ -46,7 +46,10 @@ impl RateLimiter {
                 } else {
                     missing / rate
                 };
-                wait_ms = wait_ms.max(wait.ceil() as u64);
+                // A wait in milliseconds: far below u64::MAX, and never negative.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let wait = wait.ceil() as u64;
+                wait_ms = wait_ms.max(wait);
             }
         }
         if wait_ms > 0 {

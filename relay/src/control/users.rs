@@ -561,6 +561,11 @@ impl ControlPlane {
                 .ok_or_else(ApiError::not_found)?;
             for removed in record.devices.iter().filter(|d| !devices.contains(d)) {
                 tx.delete(DEVICE_KEYS, &format!("{key}:{removed}"))?;
+                // Its one-time keys too ("|" ends the device id: device 1 is not 10).
+                while tx
+                    .take_first::<serde_json::Value>(ONE_TIME_KEYS, &format!("{key}:{removed}|"))?
+                    .is_some()
+                {}
             }
             record.devices = devices.clone();
             tx.put(USERS, &key, &record)?;
