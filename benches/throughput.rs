@@ -14,6 +14,7 @@
 //! the relay; the figure is the whole system's, not the relay's alone.
 #![allow(clippy::cast_possible_truncation, clippy::print_stdout)]
 
+use relay::core::policy::{ConsentModel, UserPolicy};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -60,7 +61,7 @@ fn main() {
         if !wants(durability.name()) {
             continue;
         }
-        let run = relay_run(measure, users, durability);
+        let run = relay_run(measure, users, durability, false);
         println!(
             "relay {:<7} {:>10.0} envelopes/s accepted, {:.0} deliveries/s acknowledged (TLS, 2 devices each){}",
             durability.name(),
@@ -82,6 +83,17 @@ fn main() {
         } else {
             println!("  fsync / memory: {:.3}", run.envelopes / memory_rate);
         }
+    }
+    // A7_BENCH_POLICY=1: the memory run again with the interop rules enforced (every user
+    // enlisted, reachable by everyone), to see what the policy check costs.
+    if std::env::var_os("A7_BENCH_POLICY").is_some() && wants("memory") {
+        let run = relay_run(measure, users, Durability::Memory, true);
+        println!(
+            "relay memory+policy {:>10.0} envelopes/s accepted, {:.0} deliveries/s acknowledged; policy / no policy: {:.3}",
+            run.envelopes,
+            run.deliveries,
+            run.envelopes / memory_rate
+        );
     }
 }
 
@@ -182,17 +194,41 @@ fn forwarder(measure: Duration) -> f64 {
 }
 
 /// Envelopes accepted, deliveries acknowledged and log syncs, per second.
-fn relay_run(measure: Duration, users: u32, durability: Durability) -> Run {
+fn relay_run(measure: Duration, users: u32, durability: Durability, enforce: bool) -> Run {
     let data_dir = std::env::temp_dir().join(format!("a7-bench-{}", std::process::id()));
     let mut config = Config::embedded();
     config.data_dir = data_dir.clone();
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.cores = 2;
     config.durability = durability;
-    // The data plane alone: the policy's cost is measured by `A7_BENCH_POLICY=1` (below).
-    config.interop.enforce = false;
+    // The data plane alone, unless the policy's cost is asked for (`A7_BENCH_POLICY=1`).
+    config.interop.enforce = enforce;
     let _ = std::fs::remove_dir_all(&data_dir);
     let relay = Relay::start(&config).expect("relay starts");
+    if enforce {
+        let enlisted = || UserPolicy {
+            enlisted: true,
+            test: false,
+            model: ConsentModel::Everyone,
+            in_region: true,
+            region_until_ms: None,
+            identifiers: Vec::new(),
+            contact_book: Arc::default(),
+        };
+        let policy = &relay.shared.policy;
+        for u in 0..1000u32 {
+            policy.set_user(
+                UserAddress::new(NetworkId(1), UserId(u128::from(u))),
+                enlisted(),
+            );
+        }
+        for u in 0..users {
+            policy.set_user(
+                UserAddress::new(NetworkId(2), UserId(u128::from(u))),
+                enlisted(),
+            );
+        }
+    }
     let shared = relay.shared.clone();
     let syncs = move || {
         shared
