@@ -244,6 +244,119 @@ fn serve_is_ready_serves_metrics_and_stops_on_sigterm() {
     );
 }
 
+/// The operator's CLI against a running relay: list, add (from a certificate file and a key
+/// file), a refused suspension without a ground, a suspension with one, show.
+#[test]
+fn partner_commands_manage_the_registry_of_a_running_relay() {
+    let dir = TempDir::new("partner_cli");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8 temp path");
+    let mut relay = Served::spawn(&[
+        "serve",
+        "--data-dir",
+        data_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+    ]);
+    let ready = relay.wait_ready();
+    assert_eq!(field(&ready, "policy"), "enforce");
+    let http = field(&ready, "http");
+    let common = ["--api", http, "--data-dir", data_arg];
+    let partner = |args: &[&str]| {
+        let mut all = vec!["partner"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&common);
+        run(&all)
+    };
+    let list = partner(&["list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("\"gatekeeper\""), "{text}");
+
+    let pki = relay::pki::DevPki {
+        dir: data.join("pki"),
+    };
+    let (cert, _) = pki.issue_client("acme").expect("issue a certificate");
+    let cert_path = dir.path().join("acme.pem");
+    std::fs::write(&cert_path, cert).expect("write cert");
+    let key_path = dir.path().join("acme-token.pk8");
+    std::fs::write(&key_path, client::generate_network_key()).expect("write key");
+    let added = partner(&[
+        "add",
+        "--id",
+        "3",
+        "--name",
+        "acme",
+        "--cert-file",
+        cert_path.to_str().expect("utf-8"),
+        "--token-key-file",
+        key_path.to_str().expect("utf-8"),
+        "--reason",
+        "agreement signed",
+    ]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    assert!(String::from_utf8_lossy(&added.stdout).contains("\"testing\""));
+
+    let refused = partner(&["status", "3", "--to", "suspended", "--reason", "spam"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("610 GROUND_REQUIRED"), "{stderr}");
+
+    let suspended = partner(&[
+        "status",
+        "3",
+        "--to",
+        "suspended",
+        "--reason",
+        "spam",
+        "--ground",
+        "integrity",
+    ]);
+    assert!(
+        suspended.status.success(),
+        "{}",
+        String::from_utf8_lossy(&suspended.stderr)
+    );
+    let shown = partner(&["show", "3"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("\"suspended\"") && text.contains("\"integrity\""),
+        "{text}"
+    );
+
+    // Without the operator's certificate the registry is closed.
+    let as_partner = run(&[
+        "partner",
+        "list",
+        "--api",
+        http,
+        "--data-dir",
+        data_arg,
+        "--cert",
+        data.join("pki/partner.pem").to_str().expect("utf-8"),
+        "--key",
+        data.join("pki/partner.key").to_str().expect("utf-8"),
+    ]);
+    assert!(!as_partner.status.success());
+    let stderr = String::from_utf8_lossy(&as_partner.stderr);
+    assert!(stderr.contains("OPERATOR_REQUIRED"), "{stderr}");
+
+    relay.terminate();
+    assert!(relay.wait_exit(EXIT_TIMEOUT).success());
+}
+
 #[test]
 fn a_bad_config_key_is_named_and_fails_the_start() {
     let dir = TempDir::new("bad_config");
