@@ -911,3 +911,63 @@ async fn plain_get(addr: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut text).await.unwrap();
     text
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_traffic_limit_holds_across_its_sessions() {
+    let relay = ControlRelay::start("traffic_limit");
+    let three = relay.new_network(3);
+    let mut body = relay.partner_body(&three, "active");
+    body["limits"] = json!({"messages_per_s": 2});
+    let added = ok(relay
+        .api(Who::Operator)
+        .post("/v1/partners", &body)
+        .await
+        .unwrap());
+    assert_eq!(added["limits"]["messages_per_s"], 2);
+    let theirs = user(three.id, 0x31);
+    let ours = user(GATEKEEPER, 0x11);
+    ok(relay.enlist_as(&three, &theirs, false).await);
+    relay.enlist(&ours, &Enlist::default()).await;
+    // Two sessions share one budget: a second's worth (plus one) passes, then RATE_LIMITED
+    // with a hint.
+    let mut first = relay.session_as(&three).await.expect("connects");
+    let mut second = relay.session_as(&three).await.expect("connects");
+    let (mut accepted, mut limited) = (0, 0);
+    for n in 0..10 {
+        let session = if n % 2 == 0 { &mut first } else { &mut second };
+        let message = envelope(theirs.device(client::DeviceId(1)), ours);
+        session.send_envelope(&message, b"x").await;
+        match session.expect_ack(message.message_id).await.status {
+            client::AckStatus::Accepted => accepted += 1,
+            client::AckStatus::Rejected {
+                code,
+                retry_after_ms,
+                ..
+            } => {
+                assert_eq!(code, ErrorCode::RateLimited.as_u16());
+                assert!(retry_after_ms > 0);
+                limited += 1;
+            }
+        }
+    }
+    assert!((3..=4).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted + limited, 10);
+    // The gatekeeper has no limit (the session also carries what network 3 sent).
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let message = envelope(ours.device(client::DeviceId(1)), theirs);
+        gatekeeper.send_envelope(&message, b"x").await;
+        ids.insert(message.message_id);
+    }
+    while !ids.is_empty() {
+        match gatekeeper.event().await {
+            Event::Ack(ack) => {
+                assert_eq!(ack.status, client::AckStatus::Accepted);
+                assert!(ids.remove(&ack.message_id));
+            }
+            Event::Delivery { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

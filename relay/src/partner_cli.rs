@@ -103,6 +103,9 @@ enum Action {
         /// Identifiers it may look up per minute.
         #[arg(long, default_value_t = 60_000)]
         discovery_per_min: u32,
+        /// Frames it may send across networks per second (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        messages_per_s: u32,
         #[arg(long)]
         reason: String,
     },
@@ -148,6 +151,7 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
             architecture,
             status,
             discovery_per_min,
+            messages_per_s,
             reason,
         } => {
             for file in cert_file {
@@ -172,7 +176,7 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
                 "token_public_key": token_key,
                 "architecture": name_of(architecture),
                 "status": name_of(status),
-                "limits": {"discovery_per_min": discovery_per_min},
+                "limits": {"discovery_per_min": discovery_per_min, "messages_per_s": messages_per_s},
                 "reason": reason,
             });
             ("POST", "/v1/partners".to_string(), Some(body))

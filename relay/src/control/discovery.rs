@@ -175,6 +175,9 @@ impl ControlPlane {
         else {
             return Ok(None);
         };
+        if !record.discoverable() {
+            return Ok(None);
+        }
         Ok(self.reachable(requester, &record, hash, Some(moved.new)))
     }
 
@@ -204,12 +207,12 @@ impl ControlPlane {
         })
     }
 
-    /// Whether `a` and `b` know each other: either accepted the other (a request, or a
-    /// message sent), or `b`'s contact book holds one of `a`'s identifiers.
+    /// Whether `b` knows `a` by its own doing: it accepted `a`'s request, wrote to `a` (or
+    /// asked `a`), or keeps one of `a`'s identifiers in its contact book. What `a` did alone
+    /// (writing to `b`, asking `b`) does not count: a changed identifier must not reach the
+    /// very sender its owner wanted to leave behind.
     fn is_contact(&self, a: &UserAddress, b: &UserAddress) -> bool {
-        if self.policy.has_accepted(a, Party::User(*b))
-            || self.policy.has_accepted(b, Party::User(*a))
-        {
+        if self.policy.has_accepted(b, Party::User(*a)) {
             return true;
         }
         match (self.policy.user(a), self.policy.user(b)) {

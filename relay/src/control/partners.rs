@@ -53,12 +53,17 @@ pub enum Source {
 pub struct TrafficLimits {
     /// Identifiers the partner may look up per minute.
     pub discovery_per_min: u32,
+    /// Envelopes, receipts and signals it may send across networks per second, over all its
+    /// sessions (bursts of one second's worth pass); 0: no limit. Past it: `RATE_LIMITED`
+    /// with a `retry_after_ms`.
+    pub messages_per_s: u32,
 }
 
 impl Default for TrafficLimits {
     fn default() -> TrafficLimits {
         TrafficLimits {
             discovery_per_min: 60_000,
+            messages_per_s: 0,
         }
     }
 }
@@ -220,6 +225,8 @@ impl ControlPlane {
         for (_, partner) in &partners {
             self.policy
                 .set_network(NetworkId(partner.id), partner.status);
+            self.policy
+                .set_rate(NetworkId(partner.id), partner.limits.messages_per_s);
             entries.push(partner.entry());
         }
         self.auth

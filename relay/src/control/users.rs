@@ -598,21 +598,26 @@ impl ControlPlane {
                 Ok::<_, ApiError>(())
             })?;
         }
-        self.apply_location_rule(user, now_ms)?;
+        self.apply_location_rule(user, now_ms, now_ms)?;
         self.user_record(&user)?.ok_or_else(ApiError::not_found)
     }
 
     /// Re-evaluates every enlisted user whose standing may have lapsed.
+    ///
+    /// A standing that lapses before the next sweep is applied now: the user is told and made
+    /// unreachable up to one sweep interval early, never late (the data plane reads the
+    /// standing, not the clock, so that the notice always comes first).
     pub fn location_sweep(&self, now_ms: u64) -> ApiResult<usize> {
         let mut changed = 0;
+        let horizon = now_ms + u64::from(self.settings.location_sweep_s) * 1000;
         for (user, policy) in self.policy.users() {
             if !policy.enlisted {
                 continue;
             }
-            let lapsed = policy.in_region && policy.region_until_ms.is_some_and(|u| u <= now_ms);
+            let lapsed = policy.in_region && policy.region_until_ms.is_some_and(|u| u <= horizon);
             let rule_off_now =
                 !policy.in_region && self.settings.location == location::LocationRule::Off;
-            if (lapsed || rule_off_now) && self.apply_location_rule(user, now_ms)? {
+            if (lapsed || rule_off_now) && self.apply_location_rule(user, now_ms, horizon)? {
                 changed += 1;
             }
         }
@@ -622,7 +627,12 @@ impl ControlPlane {
     /// Applies the rule to one user. A user who falls outside is told (a `Notice` with the
     /// reason) before it is made unreachable; one who comes back is reachable again at once,
     /// without re-enlisting. Returns whether the standing changed.
-    fn apply_location_rule(&self, user: UserAddress, now_ms: u64) -> ApiResult<bool> {
+    fn apply_location_rule(
+        &self,
+        user: UserAddress,
+        now_ms: u64,
+        judged_at_ms: u64,
+    ) -> ApiResult<bool> {
         let key = user_key(&user);
         let _guard = self.lock();
         let Some(mut record) = self
@@ -635,7 +645,7 @@ impl ControlPlane {
         let standing = self
             .settings
             .location
-            .evaluate(now_ms, record.last_in_eea_ms);
+            .evaluate(judged_at_ms, record.last_in_eea_ms);
         self.policy
             .update_user(&user, |p| p.region_until_ms = standing.until_ms);
         if standing.in_region == record.in_region {

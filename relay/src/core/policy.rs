@@ -11,6 +11,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How much of a network's rate may arrive at once.
+const BURST: Duration = Duration::from_secs(1);
 
 use codec::{ErrorCode, NetworkId, UserAddress};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -91,12 +95,56 @@ pub enum ContactEvent {
 /// refused with `MESSAGE_REQUEST_PENDING` and the next attempt records the request.
 const CONTACT_EVENTS_MAX: usize = 4096;
 
+/// A network's rate of frames across networks: the generic cell rate algorithm on one atomic
+/// (the theoretical arrival time), so every core charges the same budget without a lock.
+/// Bursts of up to one second's worth pass.
+#[derive(Debug)]
+pub struct RateGate {
+    interval_us: u64,
+    burst_us: u64,
+    /// Theoretical arrival time of the next frame, microseconds since the Unix epoch.
+    tat_us: AtomicU64,
+}
+
+impl RateGate {
+    pub fn new(per_second: u32) -> RateGate {
+        let interval_us = 1_000_000 / u64::from(per_second.max(1));
+        RateGate {
+            interval_us,
+            burst_us: BURST.as_secs() * 1_000_000,
+            tat_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one frame's worth at `now_ms`; `Err` is how long to wait, in milliseconds.
+    pub fn take(&self, now_ms: u64) -> Result<(), u32> {
+        let now = now_ms.saturating_mul(1000);
+        let mut tat = self.tat_us.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now) + self.interval_us;
+            if next - now > self.burst_us + self.interval_us {
+                let wait_ms = (next - now - self.burst_us).div_ceil(1000);
+                return Err(u32::try_from(wait_ms).unwrap_or(u32::MAX));
+            }
+            match self
+                .tat_us
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
     /// `false` only in the lab (`interop.enforce = false`): data-plane benchmarks and
     /// protocol tests that do not enlist users.
     enforce: AtomicBool,
     networks: DashMap<NetworkId, PartnerStatus>,
+    /// Networks with a traffic limit on what they send across networks.
+    rates: DashMap<NetworkId, Arc<RateGate>>,
     users: DashMap<UserAddress, UserPolicy>,
     /// (recipient, party) pairs the recipient accepted, or that it contacted first.
     accepted: DashMap<(UserAddress, Party), ()>,
@@ -115,6 +163,7 @@ impl Policy {
         Policy {
             enforce: AtomicBool::new(enforce),
             networks: DashMap::new(),
+            rates: DashMap::new(),
             users: DashMap::new(),
             accepted: DashMap::new(),
             requested: DashMap::new(),
@@ -131,6 +180,39 @@ impl Policy {
 
     pub fn set_network(&self, network: NetworkId, status: PartnerStatus) {
         self.networks.insert(network, status);
+    }
+
+    /// Sets (or, with 0, lifts) the network's limit of cross-network frames per second.
+    pub fn set_rate(&self, network: NetworkId, per_second: u32) {
+        if per_second == 0 {
+            self.rates.remove(&network);
+        } else {
+            let unchanged = self
+                .rates
+                .get(&network)
+                .is_some_and(|g| g.interval_us == 1_000_000 / u64::from(per_second));
+            if !unchanged {
+                self.rates
+                    .insert(network, Arc::new(RateGate::new(per_second)));
+            }
+        }
+    }
+
+    /// Charges one cross-network frame to the sending network's limit; `Err` is the wait in
+    /// milliseconds (`RATE_LIMITED`).
+    pub fn admit(
+        &self,
+        sender: &UserAddress,
+        recipient: &UserAddress,
+        now_ms: u64,
+    ) -> Result<(), u32> {
+        if sender.network == recipient.network || !self.enforced() {
+            return Ok(());
+        }
+        match self.rates.get(&sender.network) {
+            Some(gate) => gate.take(now_ms),
+            None => Ok(()),
+        }
     }
 
     pub fn network_status(&self, network: NetworkId) -> Option<PartnerStatus> {
@@ -415,6 +497,24 @@ mod tests {
         policy.accept(b, Party::Network(NetworkId(1)));
         assert_eq!(policy.check(&a, &b), Ok(()));
         assert_eq!(policy.check(&c, &b), Ok(()));
+    }
+
+    #[test]
+    fn a_rate_gate_passes_a_second_of_burst_then_the_rate() {
+        let gate = RateGate::new(10);
+        let now = 1_000_000;
+        let passed = (0..30).filter(|_| gate.take(now).is_ok()).count();
+        assert_eq!(passed, 11);
+        assert!(gate.take(now).unwrap_err() >= 100);
+        assert!(gate.take(now + 200).is_ok());
+        let policy = Policy::new(true);
+        policy.set_rate(NetworkId(2), 1);
+        assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_ok());
+        assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_ok());
+        assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_err());
+        assert!(policy.admit(&user(2, 1), &user(2, 2), now).is_ok());
+        policy.set_rate(NetworkId(2), 0);
+        assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_ok());
     }
 
     #[test]

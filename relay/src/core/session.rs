@@ -205,6 +205,16 @@ impl Session {
                         "the interop rules do not let this signal through",
                     );
                 }
+                if cx.policy.admit(&sender, &recipient, cx.now_ms).is_err() {
+                    return error(
+                        out,
+                        events,
+                        ErrorCode::RateLimited,
+                        None,
+                        false,
+                        "your network is over its traffic limit; the signal was dropped",
+                    );
+                }
                 let shard = shard_of(&recipient, cx.shards);
                 events.push(SessionEvent::Route {
                     shard,
@@ -343,6 +353,18 @@ impl Session {
             .check(&routed.sender.user_address(), &routed.recipient)
         {
             return reject(out, events, routed.id, routed.sender, code);
+        }
+        if let Err(retry_after_ms) =
+            cx.policy
+                .admit(&routed.sender.user_address(), &routed.recipient, cx.now_ms)
+        {
+            events.push(SessionEvent::Refused(ErrorCode::RateLimited));
+            let refusal = Refusal {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                current_devices: DeviceSet::new(),
+            };
+            return write_ack(out, routed.id, routed.sender, Err(refusal));
         }
         if self.in_flight >= cx.limits.frames_in_flight_max {
             return reject(
