@@ -971,3 +971,81 @@ async fn a_partners_traffic_limit_holds_across_its_sessions() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_cannot_read_or_change_another_partners_data() {
+    let relay = ControlRelay::start("foreign_data");
+    let three = relay.new_network(3);
+    ok(relay
+        .api(Who::Operator)
+        .post("/v1/partners", &relay.partner_body(&three, "active"))
+        .await
+        .unwrap());
+    let alice = user(PARTNER, 0x21);
+    relay
+        .enlist(
+            &alice,
+            &Enlist {
+                devices: vec![1],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    let keys = json!({"identity_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="});
+    ok(relay
+        .api(Who::Partner)
+        .put(&format!("/v1/keys/2/{}/1", user_hex(&alice)), &keys)
+        .await
+        .unwrap());
+    let other = relay.api_as(&three);
+    let path = user_path(&alice);
+    for answer in [
+        other.get(&path).await.unwrap(),
+        other.delete(&path).await.unwrap(),
+        other
+            .put(&format!("{path}/devices"), &json!({"devices": [9]}))
+            .await
+            .unwrap(),
+        other
+            .post(
+                &format!("{path}/locations"),
+                &json!({"country": "US", "observed_at_ms": common::now_ms()}),
+            )
+            .await
+            .unwrap(),
+        other
+            .put(&format!("{path}/contact-book"), &json!({"hashes": []}))
+            .await
+            .unwrap(),
+        other
+            .get(&format!("/v1/keys/2/{}/1", user_hex(&alice)))
+            .await
+            .unwrap(),
+        other
+            .put(&format!("/v1/keys/2/{}/1", user_hex(&alice)), &keys)
+            .await
+            .unwrap(),
+        other.get("/v1/partners/2").await.unwrap(),
+    ] {
+        assert_error(&answer, 403, ErrorCode::ForeignResource);
+    }
+    // Its own view shows nothing of network 2: no requests, no events.
+    assert_eq!(
+        ok(other.get("/v1/requests").await.unwrap())["requests"],
+        json!([])
+    );
+    assert!(events(&other).await.is_empty());
+    // Nothing changed.
+    let record = ok(relay.api(Who::Partner).get(&path).await.unwrap());
+    assert_eq!(record["enlisted"], true);
+    assert_eq!(record["devices"], json!([1]));
+    let stored = ok(relay
+        .api(Who::Partner)
+        .get(&format!("/v1/keys/2/{}/1", user_hex(&alice)))
+        .await
+        .unwrap());
+    assert_eq!(
+        stored["identity_key"],
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    );
+}
