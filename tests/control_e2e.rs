@@ -1049,3 +1049,85 @@ async fn a_partner_cannot_read_or_change_another_partners_data() {
         "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
     );
 }
+
+/// A CA and one client certificate it issued: (CA PEM, client TLS trusting the relay).
+fn own_ca_client(relay: &ControlRelay, name: &str) -> (String, client::ClientTls) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, name);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let relay_ca = std::fs::read(relay.pki("ca.pem")).unwrap();
+    let tls = client::ClientTls::from_pem(
+        &relay_ca,
+        Some((cert.pem().as_bytes(), key.serialize_pem().as_bytes())),
+    )
+    .unwrap();
+    (ca_cert.pem(), tls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_registered_by_its_ca_connects_with_any_certificate_it_issued() {
+    let relay = ControlRelay::start("partner_ca");
+    let (ca_pem, tls) = own_ca_client(&relay, "acme");
+    let connect = |tls: client::ClientTls| {
+        let options = client::ConnectOptions::new(relay.addr, tls, client::Role::PartnerServer)
+            .connect_timeout(common::STEP_TIMEOUT);
+        client::connect(options)
+    };
+    // Unknown CA: the TLS handshake fails.
+    assert!(connect(tls.clone()).await.is_err());
+    let four = relay.new_network(4);
+    let mut body = relay.partner_body(&four, "active");
+    body["cert_sha256"] = json!([]);
+    body["ca_pem"] = json!(ca_pem);
+    let added = ok(relay
+        .api(Who::Operator)
+        .post("/v1/partners", &body)
+        .await
+        .unwrap());
+    assert_eq!(added["ca_pem"], json!(ca_pem));
+    // Now its certificates are trusted and speak for network 4, on both ports.
+    let session = connect(tls.clone())
+        .await
+        .expect("network 4 connects by its CA");
+    drop(session);
+    let api = client::control::ControlClient::new(relay.http, tls, "localhost").unwrap();
+    ok(api.get("/v1/partners/4").await.unwrap());
+    assert_error(
+        &api.get("/v1/partners/2").await.unwrap(),
+        403,
+        ErrorCode::ForeignResource,
+    );
+    // Another CA's certificate still fails; a PEM that is not a certificate is refused.
+    let (_, stranger) = own_ca_client(&relay, "mallory");
+    assert!(connect(stranger).await.is_err());
+    let five = relay.new_network(5);
+    let mut bad = relay.partner_body(&five, "active");
+    bad["cert_sha256"] = json!([]);
+    bad["ca_pem"] = json!("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    assert_error(
+        &relay
+            .api(Who::Operator)
+            .post("/v1/partners", &bad)
+            .await
+            .unwrap(),
+        400,
+        ErrorCode::RequestMalformed,
+    );
+}

@@ -251,6 +251,7 @@ fn network_entry(index: usize, n: NetworkFile) -> Result<NetworkEntry, String> {
         server_roles,
         cert_sha256,
         token_public_key,
+        client_ca_der: Vec::new(),
     })
 }
 

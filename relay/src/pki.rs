@@ -160,6 +160,7 @@ impl DevPki {
                     server_roles: vec![role],
                     cert_sha256: vec![sha256(&cert)],
                     token_public_key: Some(public),
+                    client_ca_der: Vec::new(),
                 })
             })
             .collect()

@@ -88,6 +88,7 @@ impl Harness {
             server_roles: vec![role],
             cert_sha256: vec![relay::pki::sha256(cert)],
             token_public_key: None,
+            client_ca_der: Vec::new(),
         };
         let auth = Auth::new(
             vec![

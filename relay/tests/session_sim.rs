@@ -92,6 +92,7 @@ impl World {
                     server_roles: vec![Role::GatekeeperServer],
                     cert_sha256: vec![relay::pki::sha256(GATEKEEPER_CERT)],
                     token_public_key: None,
+                    client_ca_der: Vec::new(),
                 },
                 NetworkEntry {
                     id: NetworkId(2),
@@ -99,6 +100,7 @@ impl World {
                     server_roles: vec![Role::PartnerServer],
                     cert_sha256: vec![relay::pki::sha256(PARTNER_CERT)],
                     token_public_key: Some(public),
+                    client_ca_der: Vec::new(),
                 },
             ],
             100_000,

@@ -267,13 +267,14 @@ impl ControlPlane {
         Ok(control)
     }
 
-    /// Who a client certificate (SHA-256 of its DER) speaks for.
-    pub fn caller(&self, fingerprint: &[u8; 32]) -> Option<Caller> {
-        if self.operators.contains(fingerprint) {
+    /// Who a client certificate (DER) speaks for: the operator by fingerprint, a network by
+    /// fingerprint or by its CA.
+    pub fn caller(&self, cert_der: &[u8], now_ms: u64) -> Option<Caller> {
+        if self.operators.contains(&crate::pki::sha256(cert_der)) {
             return Some(Caller::Operator);
         }
         self.auth
-            .network_of_fingerprint(fingerprint)
+            .network_of_cert(cert_der, now_ms)
             .map(Caller::Network)
     }
 

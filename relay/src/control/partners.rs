@@ -15,6 +15,8 @@ use super::store::PARTNERS;
 use super::{ApiError, ApiResult, Caller, ControlPlane, require_operator};
 use crate::core::auth::NetworkEntry;
 use crate::core::policy::PartnerStatus;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// How a partner connects (BEREC, chapter 3: with or without a proxy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +87,9 @@ pub struct Partner {
     pub cert_sha256: Vec<String>,
     /// Ed25519 public key (base64) for device tokens and consent records.
     pub token_public_key: Option<String>,
+    /// The partner's CA (PEM): every client certificate it issued speaks for the partner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     pub architecture: Architecture,
     pub gatekeeper: bool,
     pub status: PartnerStatus,
@@ -99,7 +104,11 @@ pub struct Partner {
 pub struct NewPartner {
     pub id: u32,
     pub name: String,
+    #[serde(default)]
     pub cert_sha256: Vec<String>,
+    /// The partner's CA certificate(s), PEM: an alternative (or addition) to fingerprints.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
     pub token_public_key: Option<String>,
     pub architecture: Architecture,
     #[serde(default = "testing")]
@@ -147,6 +156,7 @@ impl Partner {
                 .filter_map(|h| parse_hash(h))
                 .collect(),
             token_public_key,
+            client_ca_der: self.ca_pem.as_deref().map(ca_ders).unwrap_or_default(),
         }
     }
 
@@ -155,6 +165,14 @@ impl Partner {
         let bytes = BASE64.decode(self.token_public_key.as_deref()?).ok()?;
         bytes.try_into().ok()
     }
+}
+
+/// The certificates of a PEM text (DER); empty when there are none or it does not parse.
+fn ca_ders(pem: &str) -> Vec<Vec<u8>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map(|certs| certs.into_iter().map(|c| c.to_vec()).collect())
+        .unwrap_or_default()
 }
 
 fn check_reason(reason: &str) -> ApiResult<()> {
@@ -192,6 +210,7 @@ impl ControlPlane {
                     name: network.name.clone(),
                     cert_sha256: network.cert_sha256.iter().map(|h| hex(h)).collect(),
                     token_public_key: network.token_public_key.map(|k| BASE64.encode(k)),
+                    ca_pem: None,
                     architecture: match (proxy, direct) {
                         (true, true) => Architecture::Both,
                         (false, true) => Architecture::Direct,
@@ -286,10 +305,26 @@ impl ControlPlane {
             }
             fingerprints.push(lower);
         }
-        let needs_certs = matches!(new.architecture, Architecture::Proxy | Architecture::Both);
-        if needs_certs && fingerprints.is_empty() {
+        if let Some(pem) = &new.ca_pem
+            && ca_ders(pem).is_empty()
+        {
             return Err(ApiError::malformed(
-                "cert_sha256: a proxy partner needs at least one client certificate",
+                "ca_pem: no CERTIFICATE in PEM form, or one that does not parse",
+            ));
+        }
+        if let Some(pem) = &new.ca_pem
+            && crate::core::client_ca::webpki_verifier(
+                &ca_ders(pem),
+                &std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .is_err()
+        {
+            return Err(ApiError::malformed("ca_pem: not a usable CA certificate"));
+        }
+        let needs_certs = matches!(new.architecture, Architecture::Proxy | Architecture::Both);
+        if needs_certs && fingerprints.is_empty() && new.ca_pem.is_none() {
+            return Err(ApiError::malformed(
+                "cert_sha256 or ca_pem: a proxy partner needs a client certificate or its CA",
             ));
         }
         if let Some(key) = &new.token_public_key
@@ -314,6 +349,7 @@ impl ControlPlane {
             name: new.name.trim().to_string(),
             cert_sha256: fingerprints,
             token_public_key: new.token_public_key,
+            ca_pem: new.ca_pem,
             architecture: new.architecture,
             gatekeeper: false,
             status: new.status,

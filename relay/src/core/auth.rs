@@ -4,14 +4,17 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use codec::{ArchivedHello, ErrorCode, NetworkId, Role};
 use ring::digest::{SHA256, digest};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use rkyv::option::ArchivedOption;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 
 use super::Principal;
+use super::client_ca::{DynamicClientVerifier, webpki_verifier};
 
 /// One network the relay serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub struct NetworkEntry {
     pub cert_sha256: Vec<[u8; 32]>,
     /// Its Ed25519 key for device tokens; without one its devices cannot connect directly.
     pub token_public_key: Option<[u8; 32]>,
+    /// CA certificates (DER): every client certificate they issued speaks for it too.
+    pub client_ca_der: Vec<Vec<u8>>,
 }
 
 /// A refusal at handshake time: a code and a reason for the `Error` frame.
@@ -71,11 +76,12 @@ impl TokenCache {
     }
 }
 
-/// The network table: by id and by certificate fingerprint.
+/// The network table: by id, by certificate fingerprint, and by issuing CA.
 #[derive(Debug, Default)]
 struct Table {
     networks: HashMap<NetworkId, NetworkEntry>,
     by_cert: HashMap<[u8; 32], NetworkId>,
+    by_ca: Vec<(NetworkId, Arc<dyn ClientCertVerifier>)>,
 }
 
 /// The network table and the replay cache. Shared by every core; consulted once per session.
@@ -85,13 +91,22 @@ struct Table {
 pub struct Auth {
     table: RwLock<Table>,
     tokens: Mutex<TokenCache>,
+    /// The TLS client verifier, told of every network CA.
+    verifier: OnceLock<Arc<DynamicClientVerifier>>,
 }
 
 impl Table {
     fn build(networks: Vec<NetworkEntry>) -> Result<Table, String> {
         let mut by_id = HashMap::new();
         let mut by_cert = HashMap::new();
+        let mut by_ca = Vec::new();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         for network in networks {
+            if !network.client_ca_der.is_empty() {
+                let verifier = webpki_verifier(&network.client_ca_der, &provider)
+                    .map_err(|e| format!("network {}: {e}", network.name))?;
+                by_ca.push((network.id, verifier));
+            }
             for fingerprint in &network.cert_sha256 {
                 if by_cert.insert(*fingerprint, network.id).is_some() {
                     return Err(format!(
@@ -114,7 +129,16 @@ impl Table {
         Ok(Table {
             networks: by_id,
             by_cert,
+            by_ca,
         })
+    }
+
+    /// Every network CA (DER), for the TLS verifier.
+    fn cas(&self) -> Vec<Vec<u8>> {
+        self.networks
+            .values()
+            .flat_map(|n| n.client_ca_der.iter().cloned())
+            .collect()
     }
 }
 
@@ -129,7 +153,15 @@ impl Auth {
         Ok(Auth {
             table: RwLock::new(table),
             tokens: Mutex::new(tokens),
+            verifier: OnceLock::new(),
         })
+    }
+
+    /// Keeps `verifier` trusting every network CA of the table, now and after each change.
+    pub fn attach_verifier(&self, verifier: Arc<DynamicClientVerifier>) -> Result<(), String> {
+        verifier.set_extra(&self.read().cas())?;
+        let _ = self.verifier.set(verifier);
+        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -150,6 +182,9 @@ impl Auth {
     /// old table kept, if the new one is inconsistent.
     pub fn replace(&self, networks: Vec<NetworkEntry>) -> Result<(), String> {
         let table = Table::build(networks)?;
+        if let Some(verifier) = self.verifier.get() {
+            verifier.set_extra(&table.cas())?;
+        }
         *self
             .table
             .write()
@@ -157,10 +192,21 @@ impl Auth {
         Ok(())
     }
 
-    /// The network a client certificate speaks for.
-    pub fn network_of_cert(&self, cert_der: &[u8]) -> Option<NetworkId> {
+    /// The network a client certificate speaks for: by its fingerprint, or by the network
+    /// CA that issued it (checked as of `now_ms`).
+    pub fn network_of_cert(&self, cert_der: &[u8], now_ms: u64) -> Option<NetworkId> {
         let fingerprint: [u8; 32] = digest(&SHA256, cert_der).as_ref().try_into().ok()?;
-        self.network_of_fingerprint(&fingerprint)
+        if let Some(network) = self.network_of_fingerprint(&fingerprint) {
+            return Some(network);
+        }
+        let table = self.read();
+        let cert = CertificateDer::from(cert_der);
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_millis(now_ms));
+        table
+            .by_ca
+            .iter()
+            .find(|(_, verifier)| verifier.verify_client_cert(&cert, &[], now).is_ok())
+            .map(|(network, _)| *network)
     }
 
     pub fn network_of_fingerprint(&self, fingerprint: &[u8; 32]) -> Option<NetworkId> {
@@ -185,7 +231,7 @@ impl Auth {
                 format!("the {role:?} role needs a client certificate"),
             )
         })?;
-        let network_id = self.network_of_cert(cert).ok_or_else(|| {
+        let network_id = self.network_of_cert(cert, now_ms).ok_or_else(|| {
             refused(
                 ErrorCode::CertificateUnknown,
                 "this client certificate speaks for no network",

@@ -3,6 +3,7 @@
 //! and the simulation tests drive them on a fake clock.
 
 pub mod auth;
+pub mod client_ca;
 pub mod dedup;
 pub mod log;
 pub mod policy;

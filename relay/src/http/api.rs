@@ -158,7 +158,7 @@ fn authenticate(context: &HttpContext, peer: Peer) -> ApiResult<(Arc<ControlPlan
         .control
         .clone()
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "this relay runs no control plane"))?;
-    let fingerprint = match peer {
+    let cert = match peer {
         Peer::Plain => {
             return Err(ApiError::new(
                 ErrorCode::CertificateRequired,
@@ -171,9 +171,9 @@ fn authenticate(context: &HttpContext, peer: Peer) -> ApiResult<(Arc<ControlPlan
                 "the control API needs a client certificate",
             ));
         }
-        Peer::Tls(Some(fingerprint)) => fingerprint,
+        Peer::Tls(Some(cert)) => cert,
     };
-    let caller = control.caller(&fingerprint).ok_or_else(|| {
+    let caller = control.caller(&cert, crate::io::now_ms()).ok_or_else(|| {
         ApiError::new(
             ErrorCode::CertificateUnknown,
             "this client certificate is neither the operator's nor a registered network's",

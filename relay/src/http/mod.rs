@@ -50,11 +50,11 @@ impl std::fmt::Debug for HttpContext {
 }
 
 /// How the client reached the port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
     Plain,
-    /// TLS, with the SHA-256 of the client certificate if one was presented.
-    Tls(Option<[u8; 32]>),
+    /// TLS, with the client certificate (DER) if one was presented.
+    Tls(Option<Arc<[u8]>>),
 }
 
 #[derive(Debug)]
@@ -149,13 +149,13 @@ async fn serve_connection(stream: TcpStream, router: axum::Router, tls: Option<A
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(stream))
                     .await;
             let Ok(Ok(stream)) = accepted else { return };
-            let fingerprint = stream
+            let cert = stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .map(|cert| crate::pki::sha256(cert.as_ref()));
-            serve_http(stream, router, Peer::Tls(fingerprint)).await;
+                .map(|cert| Arc::<[u8]>::from(cert.as_ref()));
+            serve_http(stream, router, Peer::Tls(cert)).await;
         }
         _ => serve_http(stream, router, Peer::Plain).await,
     }

@@ -82,7 +82,7 @@ impl Relay {
         policy: Arc<Policy>,
     ) -> Result<Relay, String> {
         let (tls_paths, _) = config.resolve_identities()?;
-        let tls = tls::server_config(&tls_paths)?;
+        let tls = tls::server_config(&tls_paths, &auth)?;
         let cores = config.cores;
         let mut senders = Vec::new();
         let mut inboxes = Vec::new();

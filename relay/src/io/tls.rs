@@ -3,38 +3,38 @@
 
 use std::sync::Arc;
 
+use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::TlsPaths;
+use crate::core::auth::Auth;
+use crate::core::client_ca::DynamicClientVerifier;
 
-pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, String> {
+/// The server configuration; its client verifier trusts the configured CAs and, through
+/// `auth`, every CA a partner is registered with (now and after each change).
+pub fn server_config(paths: &TlsPaths, auth: &Auth) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = CertificateDer::pem_file_iter(&paths.server_cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("tls.server_cert {}: {e}", paths.server_cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(&paths.server_key)
         .map_err(|e| format!("tls.server_key {}: {e}", paths.server_key.display()))?;
-    let mut roots = RootCertStore::empty();
+    let mut roots = Vec::new();
     for ca in &paths.client_ca {
         let certs = CertificateDer::pem_file_iter(ca)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
-        }
+        roots.extend(certs.into_iter().map(|c| c.to_vec()));
     }
     // Unauthenticated clients get through TLS so that the session can answer with a protocol
     // error (CERTIFICATE_REQUIRED) instead of a bare alert; device sessions authenticate with
     // a token instead. A certificate from an unknown CA still fails the handshake.
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| format!("tls.client_ca: {e}"))?;
+    let verifier = Arc::new(
+        DynamicClientVerifier::new(roots, provider.clone())
+            .map_err(|e| format!("tls.client_ca: {e}"))?,
+    );
+    auth.attach_verifier(verifier.clone())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("tls: {e}"))?
