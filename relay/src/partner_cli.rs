@@ -90,6 +90,9 @@ enum Action {
         /// A client certificate (PEM) that speaks for it; repeatable.
         #[arg(long = "cert-file", value_name = "FILE")]
         cert_file: Vec<PathBuf>,
+        /// Its CA certificate (PEM): every client certificate it issued speaks for it.
+        #[arg(long = "ca-file", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// Its Ed25519 public key (base64) for device tokens and consent records.
         #[arg(long, value_name = "BASE64")]
         token_key: Option<String>,
@@ -146,6 +149,7 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
             name,
             mut cert_sha256,
             cert_file,
+            ca_file,
             token_key,
             token_key_file,
             architecture,
@@ -169,10 +173,18 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
                 }
                 (None, None) => None,
             };
+            let ca_pem = match ca_file {
+                Some(file) => Some(
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| format!("{}: {e}", file.display()))?,
+                ),
+                None => None,
+            };
             let body = json!({
                 "id": id,
                 "name": name,
                 "cert_sha256": cert_sha256,
+                "ca_pem": ca_pem,
                 "token_public_key": token_key,
                 "architecture": name_of(architecture),
                 "status": name_of(status),
