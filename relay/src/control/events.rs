@@ -62,7 +62,37 @@ pub fn append(
     tx.put(EVENTS, &format!("{seq:020}"), &event)
 }
 
+/// Events deleted per pruning transaction.
+const PRUNE_BATCH: usize = 10_000;
+
 impl ControlPlane {
+    /// Deletes the events older than the retention period; returns how many went.
+    pub fn prune_events(&self, now_ms: u64) -> ApiResult<usize> {
+        let cutoff = now_ms.saturating_sub(
+            u64::from(self.settings.events_retention_days) * super::location::DAY_MS,
+        );
+        let mut pruned = 0;
+        loop {
+            let batch = self.store.write(|tx| {
+                let mut gone = 0;
+                for key in tx.keys(EVENTS, "", PRUNE_BATCH)? {
+                    match tx.get::<Event>(EVENTS, &key)? {
+                        Some(event) if event.at_ms < cutoff => {
+                            tx.delete(EVENTS, &key)?;
+                            gone += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                Ok::<usize, super::ApiError>(gone)
+            })?;
+            pruned += batch;
+            if batch < PRUNE_BATCH {
+                return Ok(pruned);
+            }
+        }
+    }
+
     /// The caller's events after `after`, at most `limit`.
     pub fn events(&self, caller: Caller, after: u64, limit: usize) -> ApiResult<Vec<Event>> {
         let network = super::caller_network(caller)?.0;

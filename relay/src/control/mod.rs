@@ -133,6 +133,8 @@ pub struct InteropSettings {
     pub location_sweep_s: u32,
     /// The largest control-API request body.
     pub api_body_bytes_max: u32,
+    /// How long events stay in the feed (minimal metadata: they go after this).
+    pub events_retention_days: u32,
 }
 
 impl Default for InteropSettings {
@@ -149,6 +151,7 @@ impl Default for InteropSettings {
             operator_cert_sha256: Vec::new(),
             location_sweep_s: 60,
             api_body_bytes_max: 1 << 20,
+            events_retention_days: 30,
         }
     }
 }
@@ -165,6 +168,9 @@ impl InteropSettings {
         }
         if self.location_sweep_s == 0 {
             return Err("interop.location_sweep_s: must be at least 1".into());
+        }
+        if self.events_retention_days == 0 {
+            return Err("interop.events_retention_days: must be at least 1".into());
         }
         if self.api_body_bytes_max < 1024 {
             return Err("interop.api_body_bytes_max: must be at least 1024".into());

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::{self, EventKind};
-use super::store::{REQUESTS, USERS};
+use super::store::{REQUEST_INDEX, REQUESTS, USERS};
 use super::users::{Accepted, UserRecord};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, caller_network, user_key};
 use crate::core::policy::{ContactEvent, Party};
@@ -78,17 +78,20 @@ impl ControlPlane {
         now_ms: u64,
     ) -> ApiResult<()> {
         let admits = Accepted::of(party);
+        let pair = pair_key(&recipient, admits);
         let _guard = self.lock();
-        let existing = self
-            .store
-            .scan::<MessageRequest>(REQUESTS, "")?
-            .into_iter()
-            .any(|(_, r)| r.recipient == UserRef::of(recipient) && r.admits == admits);
-        if existing {
-            return Ok(());
-        }
         self.store.write(|tx| {
+            // One request per (recipient, what it admits), whatever became of it.
+            if tx.get::<u64>(REQUEST_INDEX, &pair)?.is_some() {
+                return Ok(());
+            }
             let id = tx.next("next_request")?;
+            tx.put(REQUEST_INDEX, &pair, &id)?;
+            tx.put(
+                REQUEST_INDEX,
+                &format!("net|{:010}|{id:020}", recipient.network.0),
+                &id,
+            )?;
             let request = MessageRequest {
                 id,
                 recipient: UserRef::of(recipient),
@@ -118,14 +121,20 @@ impl ControlPlane {
         state: Option<RequestState>,
     ) -> ApiResult<Vec<MessageRequest>> {
         let network = caller_network(caller)?;
-        Ok(self
+        let ids = self
             .store
-            .scan::<MessageRequest>(REQUESTS, "")?
-            .into_iter()
-            .map(|(_, r)| r)
-            .filter(|r| r.recipient.network == network.0)
-            .filter(|r| state.is_none_or(|s| r.state == s))
-            .collect())
+            .scan::<u64>(REQUEST_INDEX, &format!("net|{:010}|", network.0))?;
+        let mut list = Vec::with_capacity(ids.len());
+        for (_, id) in ids {
+            if let Some(request) = self
+                .store
+                .get::<MessageRequest>(REQUESTS, &format!("{id:020}"))?
+                && state.is_none_or(|s| request.state == s)
+            {
+                list.push(request);
+            }
+        }
+        Ok(list)
     }
 
     /// The recipient's network answers a request.
@@ -184,4 +193,13 @@ impl ControlPlane {
         }
         Ok(request)
     }
+}
+
+/// The index key of the request `recipient` got for `admits`.
+fn pair_key(recipient: &UserAddress, admits: Accepted) -> String {
+    let admits = match admits {
+        Accepted::User(user) => format!("u:{}", user_key(&user.address())),
+        Accepted::Network(network) => format!("n:{network}"),
+    };
+    format!("pair|{}|{admits}", user_key(recipient))
 }

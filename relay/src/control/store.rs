@@ -23,6 +23,8 @@ pub const IDENTIFIERS: Table = TableDefinition::new("identifiers");
 pub const MOVED: Table = TableDefinition::new("moved");
 /// Message requests by id (20 decimal digits, so keys sort by id).
 pub const REQUESTS: Table = TableDefinition::new("requests");
+/// Indexes of the requests: `pair|<recipient>|<admits>` and `net|<network>|<id>` → id.
+pub const REQUEST_INDEX: Table = TableDefinition::new("request_index");
 /// Device key records by `network:user-hex:device`.
 pub const DEVICE_KEYS: Table = TableDefinition::new("device_keys");
 /// One-time prekeys and KeyPackages by `network:user-hex:device|kind|sequence`.
@@ -32,12 +34,13 @@ pub const EVENTS: Table = TableDefinition::new("events");
 /// Counters (`next_request`, `next_event`, ...).
 pub const META: Table = TableDefinition::new("meta");
 
-const ALL: [Table; 9] = [
+const ALL: [Table; 10] = [
     PARTNERS,
     USERS,
     IDENTIFIERS,
     MOVED,
     REQUESTS,
+    REQUEST_INDEX,
     DEVICE_KEYS,
     ONE_TIME_KEYS,
     EVENTS,

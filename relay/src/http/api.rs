@@ -119,7 +119,12 @@ pub async fn run_background(control: Arc<ControlPlane>) {
             }
             _ = sweep.tick() => {
                 let control = control.clone();
-                let _ = blocking(move || control.location_sweep(crate::io::now_ms())).await;
+                let _ = blocking(move || {
+                    let now = crate::io::now_ms();
+                    control.location_sweep(now)?;
+                    control.prune_events(now)
+                })
+                .await;
             }
         }
     }
