@@ -1131,3 +1131,83 @@ async fn a_partner_registered_by_its_ca_connects_with_any_certificate_it_issued(
         ErrorCode::RequestMalformed,
     );
 }
+
+/// Inputs that once slipped through: a bad percent-encoding in the path, ids with a sign,
+/// more devices than the data plane takes, the operator's certificate given to a partner, a
+/// lookup hash of the wrong length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_paths_ids_and_device_sets_are_refused_in_json() {
+    let relay = ControlRelay::start("malformed_inputs");
+    let operator = relay.api(Who::Operator);
+    let partner = relay.api(Who::Partner);
+    for path in ["/v1/partners/%FF", "/v1/partners/+2"] {
+        assert_error(
+            &operator.get(path).await.unwrap(),
+            400,
+            ErrorCode::RequestMalformed,
+        );
+    }
+    for path in ["/v1/users/2/%C3%28", "/v1/users/+2/21", "/v1/users/2/+21"] {
+        assert_error(
+            &partner.get(path).await.unwrap(),
+            400,
+            ErrorCode::RequestMalformed,
+        );
+    }
+    let alice = user(PARTNER, 0x21);
+    let too_many = relay
+        .try_enlist(
+            &alice,
+            &Enlist {
+                devices: vec![1, 2, 3, 4, 5, 6],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    assert_error(&too_many, 400, ErrorCode::DeviceLimit);
+    relay.enlist(&alice, &Enlist::default()).await;
+    let answer = partner
+        .put(
+            &format!("{}/devices", user_path(&alice)),
+            &json!({"devices": [1, 2, 3, 4, 5, 6]}),
+        )
+        .await
+        .unwrap();
+    assert_error(&answer, 400, ErrorCode::DeviceLimit);
+    let five = ok(partner
+        .put(
+            &format!("{}/devices", user_path(&alice)),
+            &json!({"devices": [1, 2, 3, 4, 5]}),
+        )
+        .await
+        .unwrap());
+    assert_eq!(five["devices"], json!([1, 2, 3, 4, 5]));
+
+    let pem = std::fs::read(relay.pki("operator.pem")).unwrap();
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap()
+    };
+    let three = relay.new_network(3);
+    let mut body = relay.partner_body(&three, "active");
+    body["cert_sha256"] = json!([client::control::hex(&relay::pki::sha256(&der))]);
+    assert_error(
+        &operator.post("/v1/partners", &body).await.unwrap(),
+        409,
+        ErrorCode::AlreadyExists,
+    );
+
+    let gk = user(GATEKEEPER, 0x11);
+    relay.enlist(&gk, &Enlist::default()).await;
+    let lookup = relay
+        .api(Who::Gatekeeper)
+        .post(
+            "/v1/discovery/lookup",
+            &json!({"requester": user_hex(&gk), "identifier_hash": "00"}),
+        )
+        .await
+        .unwrap();
+    assert_error(&lookup, 400, ErrorCode::RequestMalformed);
+    let message = lookup.body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("identifier_hash:"), "{message}");
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::config::Config;
-use crate::control::{ControlPlane, Links};
+use crate::control::{ControlPlane, InteropSettings, Links};
 use crate::core::auth::Auth;
 use crate::core::policy::Policy;
 use crate::http::{HttpContext, HttpServer};
@@ -38,7 +38,10 @@ impl Server {
         let control = Arc::new(
             ControlPlane::open(
                 &config.data_dir,
-                config.interop.clone(),
+                InteropSettings {
+                    devices_per_user_max: config.limits.devices_per_user_max,
+                    ..config.interop.clone()
+                },
                 &networks,
                 config.dev_operators(),
                 Links {

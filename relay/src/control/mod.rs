@@ -56,7 +56,8 @@ impl ApiError {
             | ErrorCode::GroundRequired
             | ErrorCode::KeysInvalid
             | ErrorCode::ConsentRequired
-            | ErrorCode::ConsentInvalid => 400,
+            | ErrorCode::ConsentInvalid
+            | ErrorCode::DeviceLimit => 400,
             ErrorCode::CertificateRequired => 401,
             ErrorCode::OperatorRequired
             | ErrorCode::ForeignResource
@@ -135,6 +136,14 @@ pub struct InteropSettings {
     pub api_body_bytes_max: u32,
     /// How long events stay in the feed (minimal metadata: they go after this).
     pub events_retention_days: u32,
+    /// The data plane's `limits.devices_per_user_max`, which device sets must respect (set
+    /// from `[limits]` at start, not configured here).
+    #[serde(skip, default = "default_devices_per_user_max")]
+    pub devices_per_user_max: u16,
+}
+
+fn default_devices_per_user_max() -> u16 {
+    crate::limits::RelayLimits::default().devices_per_user_max
 }
 
 impl Default for InteropSettings {
@@ -152,6 +161,7 @@ impl Default for InteropSettings {
             location_sweep_s: 60,
             api_body_bytes_max: 1 << 20,
             events_retention_days: 30,
+            devices_per_user_max: default_devices_per_user_max(),
         }
     }
 }
@@ -355,7 +365,7 @@ impl<'de> Deserialize<'de> for String32 {
 }
 
 pub fn parse_user_id(text: &str) -> Option<u128> {
-    if text.is_empty() || text.len() > 32 {
+    if text.is_empty() || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     u128::from_str_radix(text, 16).ok()

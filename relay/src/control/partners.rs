@@ -370,10 +370,15 @@ impl ControlPlane {
             .into_iter()
             .flat_map(|(_, p)| p.cert_sha256)
             .collect();
-        if let Some(used) = partner.cert_sha256.iter().find(|h| taken.contains(h)) {
+        let operators: Vec<String> = self.operators.iter().map(|h| hex(h)).collect();
+        if let Some(used) = partner
+            .cert_sha256
+            .iter()
+            .find(|h| taken.contains(h) || operators.contains(h))
+        {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
-                format!("certificate {used} already speaks for another network"),
+                format!("certificate {used} is in use (by another network or the operator)"),
             ));
         }
         self.store.write(|tx| {

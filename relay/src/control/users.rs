@@ -190,12 +190,13 @@ pub struct Moved {
     pub until_ms: u64,
 }
 
-fn check_devices(devices: &[u32]) -> ApiResult<Vec<DeviceId>> {
-    if devices.len() > codec::limits::RECIPIENT_DEVICES_MAX {
-        return Err(ApiError::malformed(format!(
-            "devices: at most {}",
-            codec::limits::RECIPIENT_DEVICES_MAX
-        )));
+fn check_devices(devices: &[u32], max: u16) -> ApiResult<Vec<DeviceId>> {
+    let max = usize::from(max).min(codec::limits::RECIPIENT_DEVICES_MAX);
+    if devices.len() > max {
+        return Err(ApiError::new(
+            ErrorCode::DeviceLimit,
+            format!("devices: at most {max} per user on this relay"),
+        ));
     }
     let unique: HashSet<u32> = devices.iter().copied().collect();
     if unique.len() != devices.len() {
@@ -316,7 +317,7 @@ impl ControlPlane {
             .iter()
             .map(IdentifierInput::parse)
             .collect::<ApiResult<Vec<_>>>()?;
-        let devices = check_devices(&request.devices)?;
+        let devices = check_devices(&request.devices, self.settings.devices_per_user_max)?;
         if let Some(attestation) = &request.location {
             check_attestation(attestation, now_ms)?;
         }
@@ -551,7 +552,7 @@ impl ControlPlane {
         devices: Vec<u32>,
     ) -> ApiResult<UserRecord> {
         require_network(caller, user.network)?;
-        let ids = check_devices(&devices)?;
+        let ids = check_devices(&devices, self.settings.devices_per_user_max)?;
         let key = user_key(&user);
         let _guard = self.lock();
         let record = self.store.write(|tx| {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -212,8 +213,28 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
     }
 }
 
+/// Path parameters, with a malformed one (bad percent-encoding, say) answered as
+/// `REQUEST_MALFORMED` in JSON like every other malformed input.
+struct ApiPath<T>(T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<ApiPath<T>, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| ApiPath(value))
+            .map_err(|rejection| ApiError::malformed(format!("path: {}", rejection.body_text())))
+    }
+}
+
 fn parse_network(text: &str) -> ApiResult<NetworkId> {
-    text.parse::<u32>()
+    digits_only(text)
+        .parse::<u32>()
         .map(NetworkId)
         .map_err(|_| ApiError::malformed(format!("network: {text:?} is not a network id")))
 }
@@ -228,8 +249,19 @@ fn parse_user(network: &str, user: &str) -> ApiResult<UserAddress> {
     })
 }
 
+/// `text` if it is all ASCII digits, else a string no number parser accepts (`u32::from_str`
+/// takes a leading `+`, which an API id must not have).
+fn digits_only(text: &str) -> &str {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text
+    } else {
+        "-"
+    }
+}
+
 fn parse_number<T: std::str::FromStr>(field: &str, text: &str) -> ApiResult<T> {
-    text.parse()
+    digits_only(text)
+        .parse()
         .map_err(|_| ApiError::malformed(format!("{field}: {text:?} is not a number in range")))
 }
 
@@ -256,7 +288,7 @@ async fn partner_add(
 async fn partner_show(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
     let id: u32 = parse_number("id", &id)?;
@@ -267,7 +299,7 @@ async fn partner_show(
 async fn partner_status(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -282,7 +314,7 @@ async fn partner_status(
 async fn user_enlist(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -301,7 +333,7 @@ async fn user_enlist(
 async fn user_show(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
@@ -312,7 +344,7 @@ async fn user_show(
 async fn user_opt_out(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
@@ -323,7 +355,7 @@ async fn user_opt_out(
 async fn user_identifier_change(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -344,7 +376,7 @@ struct Hashes {
 async fn user_contact_book(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -363,7 +395,7 @@ struct Devices {
 async fn user_devices(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -376,7 +408,7 @@ async fn user_devices(
 async fn user_location(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -420,7 +452,7 @@ async fn decide(cx: HttpContext, peer: Peer, id: String, accept: bool) -> ApiRes
 async fn request_accept(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     decide(cx, peer, id, true).await
 }
@@ -428,7 +460,7 @@ async fn request_accept(
 async fn request_refuse(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     decide(cx, peer, id, false).await
 }
@@ -447,6 +479,14 @@ async fn discovery_lookup(
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
     let lookup: Lookup = body(&bytes)?;
+    if crate::control::identifier::parse_hash(&lookup.identifier_hash.to_ascii_lowercase())
+        .is_none()
+    {
+        return Err(ApiError::malformed(format!(
+            "identifier_hash: {:?} is not 64 hex digits (SHA-256)",
+            lookup.identifier_hash
+        )));
+    }
     let request = DiscoveryRequest {
         requester: lookup.requester,
         identifier_hashes: vec![lookup.identifier_hash],
@@ -473,7 +513,7 @@ async fn discovery_bulk(
 async fn keys_upload(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user, device)): Path<(String, String, String)>,
+    ApiPath((network, user, device)): ApiPath<(String, String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
@@ -487,7 +527,7 @@ async fn keys_upload(
 async fn keys_show(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user, device)): Path<(String, String, String)>,
+    ApiPath((network, user, device)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
@@ -499,7 +539,7 @@ async fn keys_show(
 async fn keys_claim(
     State(cx): Ctx,
     Extension(peer): PeerExt,
-    Path((network, user)): Path<(String, String)>,
+    ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let (control, caller) = authenticate(&cx, peer)?;
