@@ -19,6 +19,9 @@ const BURST: Duration = Duration::from_secs(1);
 use codec::{ErrorCode, NetworkId, UserAddress};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
+
+/// The policy maps, with a seeded fast hasher (see the workspace `Cargo.toml`).
+type Map<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
 use serde::{Deserialize, Serialize};
 
 /// A partner network's activation status.
@@ -142,14 +145,14 @@ pub struct Policy {
     /// `false` only in the lab (`interop.enforce = false`): data-plane benchmarks and
     /// protocol tests that do not enlist users.
     enforce: AtomicBool,
-    networks: DashMap<NetworkId, PartnerStatus>,
+    networks: Map<NetworkId, PartnerStatus>,
     /// Networks with a traffic limit on what they send across networks.
-    rates: DashMap<NetworkId, Arc<RateGate>>,
-    users: DashMap<UserAddress, UserPolicy>,
+    rates: Map<NetworkId, Arc<RateGate>>,
+    users: Map<UserAddress, UserPolicy>,
     /// (recipient, party) pairs the recipient accepted, or that it contacted first.
-    accepted: DashMap<(UserAddress, Party), ()>,
+    accepted: Map<(UserAddress, Party), ()>,
     /// Pairs with a request already sent to the control plane.
-    requested: DashMap<(UserAddress, Party), ()>,
+    requested: Map<(UserAddress, Party), ()>,
     contacts: Sender<ContactEvent>,
     contacts_rx: Receiver<ContactEvent>,
     /// Cross-network frames checked, and refused, since start (for `/metrics`).
@@ -162,11 +165,11 @@ impl Policy {
         let (tx, rx) = crossbeam_channel::bounded(CONTACT_EVENTS_MAX);
         Policy {
             enforce: AtomicBool::new(enforce),
-            networks: DashMap::new(),
-            rates: DashMap::new(),
-            users: DashMap::new(),
-            accepted: DashMap::new(),
-            requested: DashMap::new(),
+            networks: Map::default(),
+            rates: Map::default(),
+            users: Map::default(),
+            accepted: Map::default(),
+            requested: Map::default(),
             contacts: tx,
             contacts_rx: rx,
             checked: AtomicU64::new(0),
