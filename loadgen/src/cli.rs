@@ -76,6 +76,11 @@ pub struct RunArgs {
     /// the relay's own, fsync).
     #[arg(long, value_name = "LEVEL", value_parser = ["fsync", "os", "memory"], help_heading = "Target")]
     pub relay_durability: Option<String>,
+    /// The interop rules of the spawned relay: `enforce` (as in production; loadgen enlists
+    /// its population first) or `off` (lab: the data plane alone, as loadgen measured before
+    /// the rules; add --no-enlist to skip the enlistment as well).
+    #[arg(long, value_name = "MODE", default_value = "enforce", value_parser = ["enforce", "off"], help_heading = "Target")]
+    pub relay_policy: String,
     /// A `[limits]` line for the spawned relay's config, e.g. `device_queue_depth_max=50000`.
     #[arg(long, value_name = "KEY=VALUE", help_heading = "Target")]
     pub relay_limit: Vec<String>,
@@ -88,6 +93,21 @@ pub struct RunArgs {
         help_heading = "Target"
     )]
     pub pki: PathBuf,
+    /// The relay's control API (its HTTP port, TLS with each network's server certificate)
+    /// for a relay started by hand; --spawn uses the spawned relay's.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:7780",
+        help_heading = "Target"
+    )]
+    pub api: std::net::SocketAddr,
+    /// Do not enlist the population through the control API before the run (every user of
+    /// every network, with its devices, consent `everyone`, located in the EEA). For a relay
+    /// whose users are already enlisted, or whose interop rules are off; against a relay
+    /// that enforces them, interop traffic of users it does not know is refused.
+    #[arg(long, help_heading = "Target")]
+    pub no_enlist: bool,
     /// Keep the spawned relay's data directory and log.
     #[arg(long, help_heading = "Target")]
     pub keep_relay_data: bool,
@@ -212,7 +232,9 @@ pub struct RunArgs {
     pub threads: usize,
 
     /// Test only: make loadgen's receiving path drop (`drop:N`) or duplicate (`dup:N`) every
-    /// Nth envelope delivery, to prove the accounting catches it.
+    /// Nth envelope delivery, to prove the accounting catches it; or (`network-key`) sign
+    /// network 2's consents and tokens with a key the relay does not have registered, to
+    /// prove a refused enlistment fails the run.
     #[arg(long, hide = true)]
     pub fault: Option<String>,
 }

@@ -12,10 +12,12 @@
 //! [`tune`] (tuning profiles), [`mqtt`]'s packet codec.
 //!
 //! IO shells: [`phase`] (the open-loop scheduler and drain), [`relay_target`] (client-SDK
-//! sessions), [`mqtt`] (the broker driver), [`scale`] (idle connections), [`spawn`] (a relay
+//! sessions), [`enlist`] (the population's enlistment through the relay's control API),
+//! [`mqtt`] (the broker driver), [`scale`] (idle connections), [`spawn`] (a relay
 //! process), [`pki`] (identities and relay config), [`run`] (the whole run).
 
 pub mod cli;
+pub mod enlist;
 pub mod html;
 pub mod ledger;
 pub mod machine;

@@ -38,11 +38,16 @@ pub struct Traffic {
 
 /// The test-only fault switch of loadgen's receiving path: pretend every Nth envelope
 /// delivery never arrived (it is still acknowledged to the relay, so the relay forgets it) or
-/// arrived twice. 0 turns a fault off. Used to prove that the accounting catches both.
+/// arrived twice. 0 turns a fault off. Used to prove that the accounting catches both. Also
+/// one of setup: a network key the relay does not know, to prove a refused enlistment fails
+/// the run.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Faults {
     pub drop_every: u64,
     pub duplicate_every: u64,
+    /// Network 2's token key is replaced by one the relay does not know (after its config
+    /// is written): its consents do not verify, so enlistment is refused.
+    pub network_key_mismatch: bool,
 }
 
 /// What every task of a run shares.

@@ -220,6 +220,12 @@ impl Population {
         self.user_devices[user as usize]
     }
 
+    /// The user's device ids (1 to its device count): the set both its enlistment (control
+    /// API) and its network's `DeviceList` declare, so the two never disagree.
+    pub fn device_numbers(&self, user: u32) -> std::ops::RangeInclusive<u32> {
+        1..=u32::from(self.device_count(user))
+    }
+
     pub fn user_of_device(&self, device: u32) -> u32 {
         self.device_user[device as usize]
     }

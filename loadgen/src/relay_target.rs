@@ -255,32 +255,33 @@ impl Harness {
 }
 
 /// Sends the device list of every user in `first..first + count` and waits for the acks.
+/// (The same sets as their enlistment declared, when loadgen enlisted them: a network's
+/// server keeps declaring its users' devices in-band, as it would in production.)
 async fn declare_devices(
     ctx: &Ctx,
     connection: &mut Connection,
     first: u32,
     count: u32,
-) -> Result<(), ClientError> {
+) -> Result<(), String> {
+    let e = |e: ClientError| e.to_string();
     let population = &ctx.population;
     let mut next = first;
     let end = first + count;
     while next < end {
         let window_end = (next + DEVICE_LIST_WINDOW).min(end);
         for user in next..window_end {
-            let devices = (1..=population.device_count(user))
-                .map(|d| DeviceId(u32::from(d)))
-                .collect();
+            let devices = population.device_numbers(user).map(DeviceId).collect();
             let list = DeviceList {
                 request_id: MessageId(0xDE71_CE00_0000_0000_0000_0000_0000_0000 | u128::from(user)),
                 user: population.user_address(user),
                 devices,
             };
-            connection.send_device_list(&list).await?;
+            connection.send_device_list(&list).await.map_err(e)?;
         }
-        connection.flush().await?;
+        connection.flush().await.map_err(e)?;
         let mut acked = next;
         while acked < window_end {
-            match connection.next_event().await? {
+            match connection.next_event().await.map_err(e)? {
                 Event::Ack(Ack {
                     status: AckStatus::Accepted,
                     ..
@@ -290,11 +291,12 @@ async fn declare_devices(
                     message_id,
                     ..
                 }) => {
-                    return Err(ClientError::Config(format!(
-                        "device list {message_id} refused with code {code}"
-                    )));
+                    let name = ErrorCode::from_u16(code).map_or("unknown code", ErrorCode::name);
+                    return Err(format!(
+                        "device list {message_id} refused with {code} {name}"
+                    ));
                 }
-                Event::Closed => return Err(ClientError::Closed),
+                Event::Closed => return Err(ClientError::Closed.to_string()),
                 _ => {}
             }
         }

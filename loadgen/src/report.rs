@@ -261,8 +261,23 @@ pub fn compare_table(reports: &[(String, Value)]) -> String {
     let count = |v: &Value| v.as_u64().map_or("–".to_string(), |n| n.to_string());
     let float = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.0}"));
     let ratio = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.3}"));
+    // Whether the relay enforced the interop rules and loadgen enlisted its population
+    // (reports from before enlistment have neither field).
+    let rules = |r: &Value| {
+        let policy = r["relay"]["ready"]["policy"].as_str();
+        match (policy, r["enlistment"]["enlisted"].as_bool()) {
+            (_, None) => "–".to_string(),
+            (Some("off"), Some(enlisted)) => format!("off ({})", yes_no(enlisted)),
+            (Some(_), Some(enlisted)) => format!("enforced ({})", yes_no(enlisted)),
+            (None, Some(enlisted)) => yes_no(enlisted).to_string(),
+        }
+    };
     type Row<'a> = (&'a str, Box<dyn Fn(&Value) -> String + 'a>);
     let rows: Vec<Row<'_>> = vec![
+        (
+            "interop rules (population enlisted)",
+            Box::new(move |r: &Value| rules(r)),
+        ),
         (
             "offered rate, msg/s",
             Box::new(move |r: &Value| float(&r["rate_per_s"])),
@@ -332,6 +347,10 @@ pub fn compare_table(reports: &[(String, Value)]) -> String {
     out
 }
 
+fn yes_no(yes: bool) -> &'static str {
+    if yes { "yes" } else { "no" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +369,14 @@ mod tests {
         assert!(table.contains("| p50 latency, ms | 0.25 | 0.90 |"));
         assert!(table.contains("| lost (acknowledged, never delivered) | 0 | 12 |"));
         assert!(table.contains("| p99.9 latency, ms | – | – |"));
+        assert!(table.contains("| interop rules (population enlisted) | – | – |"));
+        let enforced =
+            json!({"relay": {"ready": {"policy": "enforce"}}, "enlistment": {"enlisted": true}});
+        let lab = json!({"relay": {"ready": {"policy": "off"}}, "enlistment": {"enlisted": false}});
+        let table = compare_table(&[("enforced".into(), enforced), ("lab".into(), lab)]);
+        assert!(
+            table.contains("| interop rules (population enlisted) | enforced (yes) | off (no) |"),
+            "{table}"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command, RunArgs};
+use crate::enlist::EnlistReport;
 use crate::machine::{Machine, raise_nofile};
 use crate::maxrate::MaxSearch;
 use crate::parity::{Parity, ParityConfig, Scope};
@@ -176,9 +177,15 @@ fn parse_fault(text: Option<&str>) -> Result<Faults, String> {
     let Some(text) = text else {
         return Ok(Faults::default());
     };
+    if text == "network-key" {
+        return Ok(Faults {
+            network_key_mismatch: true,
+            ..Faults::default()
+        });
+    }
     let (kind, every) = text
         .split_once(':')
-        .ok_or_else(|| format!("--fault {text:?}: drop:N or dup:N"))?;
+        .ok_or_else(|| format!("--fault {text:?}: drop:N, dup:N or network-key"))?;
     let every: u64 = every
         .parse()
         .ok()
@@ -187,13 +194,13 @@ fn parse_fault(text: Option<&str>) -> Result<Faults, String> {
     match kind {
         "drop" => Ok(Faults {
             drop_every: every,
-            duplicate_every: 0,
+            ..Faults::default()
         }),
         "dup" | "duplicate" => Ok(Faults {
-            drop_every: 0,
             duplicate_every: every,
+            ..Faults::default()
         }),
-        _ => Err(format!("--fault {text:?}: drop:N or dup:N")),
+        _ => Err(format!("--fault {text:?}: drop:N, dup:N or network-key")),
     }
 }
 
@@ -222,6 +229,12 @@ fn check_args(args: &RunArgs) -> Result<(), String> {
     if args.parity_bound < 1.0 {
         return Err("--parity-bound: at least 1.0".into());
     }
+    if !args.spawn && !args.no_enlist && !args.api.ip().is_loopback() {
+        return Err(format!(
+            "--api {}: loadgen only talks to loopback addresses (127.0.0.0/8, ::1)",
+            args.api
+        ));
+    }
     Ok(())
 }
 
@@ -241,6 +254,8 @@ pub(crate) struct Outcome {
     pub scale: Option<Value>,
     pub setup: Value,
     pub relay: Value,
+    /// What enlisting the population did ([`crate::enlist::EnlistReport`]).
+    pub enlistment: Value,
 }
 
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
@@ -396,6 +411,7 @@ fn run_relay(
             &data,
             args.relay_cores,
             args.relay_durability.as_deref(),
+            Some(args.relay_policy.as_str()),
             &workdir.join("relay.log"),
         )?;
         (relay.ready.tls, identities, Some(relay))
@@ -414,18 +430,48 @@ fn run_relay(
         }
         (addr, identities, None)
     };
+    let mut identities = identities;
+    if ctx.faults.network_key_mismatch {
+        // The relay knows network 2 by the key its config (or PKI) named; loadgen now signs
+        // with another.
+        for network in identities.networks.iter_mut().filter(|n| n.id == 2) {
+            network.token_key_pkcs8 = client::generate_network_key();
+        }
+    }
+    let api = spawned.as_ref().map_or(args.api, |r| r.ready.http);
+    if args.no_enlist && spawned.as_ref().is_some_and(|r| r.ready.policy != "off") {
+        eprintln!(
+            "loadgen: warning: --no-enlist with a spawned relay that enforces the interop \
+             rules: it refuses interop traffic of users it does not know (SENDER_NOT_ENLISTED); \
+             --relay-policy off measures the data plane alone"
+        );
+    }
     let relay_info = match &spawned {
         Some(r) => {
             json!({ "spawned": true, "pid": r.pid(), "ready": r.ready, "bin": find_relay_binary(args.relay_bin.as_deref()).ok() })
         }
-        None => json!({ "spawned": false, "addr": addr }),
+        None => json!({ "spawned": false, "addr": addr, "api": api }),
     };
     let identities = Arc::new(identities);
     let result = runtime.block_on(async {
+        // Before any session: the relay knows every user (and its devices) before the
+        // first frame, as it would in production.
+        let enlistment = if args.no_enlist {
+            EnlistReport::skipped("--no-enlist")
+        } else {
+            crate::enlist::enlist(
+                &ctx.population,
+                &identities,
+                api,
+                crate::enlist::CONCURRENCY,
+            )
+            .await?
+        };
         let harness = Harness::connect(ctx.clone(), addr, identities.clone()).await?;
         let setup = serde_json::to_value(&harness.setup).unwrap_or(Value::Null);
         let mut outcome = scenario(&harness, args, parity).await;
         outcome.setup = setup;
+        outcome.enlistment = enlistment.to_json();
         if args.idle_conns > 0 {
             let pid = spawned.as_ref().map(SpawnedRelay::pid);
             outcome.scale = Some(
@@ -572,6 +618,7 @@ pub(crate) async fn scenario<T: Target>(
         scale: None,
         setup: Value::Null,
         relay: Value::Null,
+        enlistment: Value::Null,
     }
 }
 
@@ -626,6 +673,14 @@ fn assemble(
         map.insert("phases".into(), json!(phases));
         map.insert("population".into(), population);
         map.insert("setup".into(), outcome.setup.clone());
+        map.insert(
+            "enlistment".into(),
+            if outcome.enlistment.is_null() {
+                EnlistReport::skipped("not a relay target").to_json()
+            } else {
+                outcome.enlistment.clone()
+            },
+        );
         map.insert("relay".into(), outcome.relay.clone());
         map.insert("machine".into(), json!(machine));
         map.insert("config".into(), config_json(args, ctx));
@@ -643,6 +698,9 @@ fn config_json(args: &RunArgs, ctx: &Ctx) -> Value {
         "spawn": args.spawn,
         "relay_cores": args.relay_cores,
         "relay_durability": args.relay_durability,
+        "relay_policy": args.relay_policy,
+        "api": (!args.spawn).then_some(args.api),
+        "no_enlist": args.no_enlist,
         "relay_limits": args.relay_limit,
         "population": ctx.population.spec,
         "traffic": ctx.traffic,
@@ -701,5 +759,9 @@ mod tests {
         assert!(parse_fault(Some("drop:0")).is_err());
         assert!(parse_fault(Some("lose:1")).is_err());
         assert_eq!(parse_fault(None).unwrap().drop_every, 0);
+        let key = parse_fault(Some("network-key")).unwrap();
+        assert!(key.network_key_mismatch);
+        assert_eq!(key.drop_every + key.duplicate_every, 0);
+        assert!(!parse_fault(Some("drop:7")).unwrap().network_key_mismatch);
     }
 }

@@ -24,9 +24,12 @@ pub struct Ready {
     pub cores: u16,
     pub durability: String,
     pub data: String,
+    /// Whether it enforces the interop rules (`enforce`, `off`); empty from a relay that
+    /// does not say.
+    pub policy: String,
 }
 
-/// Parses `relay ready tls=ADDR http=ADDR cores=N durability=... data=...`.
+/// Parses `relay ready tls=ADDR http=ADDR cores=N durability=... data=... policy=...`.
 pub fn parse_ready_line(line: &str) -> Option<Ready> {
     let rest = line.trim().strip_prefix("relay ready")?;
     let mut tls = None;
@@ -34,6 +37,7 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
     let mut cores = None;
     let mut durability = String::new();
     let mut data = String::new();
+    let mut policy = String::new();
     for field in rest.split_whitespace() {
         let (key, value) = field.split_once('=')?;
         match key {
@@ -42,6 +46,7 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
             "cores" => cores = value.parse().ok(),
             "durability" => durability = value.to_string(),
             "data" => data = value.to_string(),
+            "policy" => policy = value.to_string(),
             _ => {}
         }
     }
@@ -51,6 +56,7 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
         cores: cores?,
         durability,
         data,
+        policy,
     })
 }
 
@@ -89,14 +95,16 @@ pub struct SpawnedRelay {
 }
 
 impl SpawnedRelay {
-    /// Starts `bin serve` with the given config (or its embedded defaults), data directory and
-    /// core count, on 127.0.0.1 port 0 for TLS and HTTP. Its stderr goes to `log`.
+    /// Starts `bin serve` with the given config (or its embedded defaults), data directory,
+    /// core count, durability and interop policy (`enforce`, `off`; default: the config's,
+    /// which enforces), on 127.0.0.1 port 0 for TLS and HTTP. Its stderr goes to `log`.
     pub fn start(
         bin: &Path,
         config: Option<&Path>,
         data_dir: &Path,
         cores: Option<u16>,
         durability: Option<&str>,
+        policy: Option<&str>,
         log: &Path,
     ) -> Result<SpawnedRelay, String> {
         let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -104,9 +112,6 @@ impl SpawnedRelay {
         command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            // loadgen does not enlist its population through the control API (yet): the
-            // relay it starts measures the data plane without the interop rules.
-            .args(["--policy", "off"])
             .arg("--data-dir")
             .arg(data_dir)
             .stdin(Stdio::null())
@@ -120,6 +125,9 @@ impl SpawnedRelay {
         }
         if let Some(level) = durability {
             command.args(["--durability", level]);
+        }
+        if let Some(mode) = policy {
+            command.args(["--policy", mode]);
         }
         let mut child = command
             .spawn()
@@ -237,7 +245,7 @@ mod tests {
     #[test]
     fn the_ready_line_parses() {
         let ready = parse_ready_line(
-            "relay ready tls=127.0.0.1:40123 http=127.0.0.1:40124 cores=2 durability=memory data=/tmp/x",
+            "relay ready tls=127.0.0.1:40123 http=127.0.0.1:40124 cores=2 durability=memory data=/tmp/x policy=enforce location=eea/120d",
         )
         .unwrap();
         assert_eq!(ready.tls.port(), 40123);
@@ -245,6 +253,7 @@ mod tests {
         assert_eq!(ready.cores, 2);
         assert_eq!(ready.durability, "memory");
         assert_eq!(ready.data, "/tmp/x");
+        assert_eq!(ready.policy, "enforce");
         assert_eq!(parse_ready_line("relay starting"), None);
         assert_eq!(
             parse_ready_line("relay ready tls=nonsense http=127.0.0.1:1 cores=1"),

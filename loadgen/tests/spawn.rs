@@ -1,7 +1,10 @@
-//! End-to-end runs of the `loadgen` binary against a relay it spawns: the JSON report has
-//! every field DESIGN.md promises and parity holds on an idle machine; and the test-only
-//! fault switch (loadgen's receiving path drops or duplicates deliveries) is reported as
-//! lost or duplicate with exit status 1.
+//! End-to-end runs of the `loadgen` binary against a relay it spawns, which enforces the
+//! interop rules: loadgen enlists its population through the control API first, the JSON
+//! report has every field DESIGN.md promises and parity holds on an idle machine; a refused
+//! enlistment fails the run with the HTTP status and the relay's error body; without
+//! enlistment the relay refuses interop traffic; and the test-only fault switch (loadgen's
+//! receiving path drops or duplicates deliveries) is reported as lost or duplicate with exit
+//! status 1.
 //!
 //! Needs the `relay` binary of the same profile next to loadgen's (`target/debug/relay`): the
 //! tests build it with `cargo build -p relay` when it is missing. Each run is a few seconds;
@@ -32,6 +35,14 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs loadgen with a small population; returns (exit code, parsed report).
 fn loadgen(name: &str, extra: &[&str]) -> (i32, Value) {
+    let (code, report, stderr) = loadgen_run(name, extra);
+    let report = report.unwrap_or_else(|e| panic!("{e}; stderr:\n{stderr}"));
+    (code, report)
+}
+
+/// Runs loadgen with a small population (90 users: 3 networks of 30); returns (exit code,
+/// the parsed report or why there is none, stderr).
+fn loadgen_run(name: &str, extra: &[&str]) -> (i32, Result<Value, String>, String) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -64,12 +75,12 @@ fn loadgen(name: &str, extra: &[&str]) -> (i32, Value) {
         .arg(&json)
         .output()
         .expect("loadgen runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let text = std::fs::read_to_string(&json)
-        .unwrap_or_else(|e| panic!("no report {} ({e}); stderr:\n{stderr}", json.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let report = std::fs::read_to_string(&json)
+        .map_err(|e| format!("no report {} ({e})", json.display()))
+        .map(|text| serde_json::from_str::<Value>(&text).expect("the report is JSON"));
     let _ = std::fs::remove_file(&json);
-    let report: Value = serde_json::from_str(&text).expect("the report is JSON");
-    (output.status.code().unwrap_or(-1), report)
+    (output.status.code().unwrap_or(-1), report, stderr)
 }
 
 fn assert_latency(v: &Value, at: &str) {
@@ -120,6 +131,18 @@ fn a_short_spawned_run_reports_every_field_and_parity_holds() {
     assert!(r["machine"]["kernel"].is_string());
     assert!(r["machine"]["sysctl"]["net.core.somaxconn"].is_string());
     assert!(r["relay"]["spawned"].as_bool().unwrap());
+    // The relay enforced the interop rules, and knew every user of every network (with all
+    // its devices) before the run through the control API.
+    assert_eq!(r["relay"]["ready"]["policy"], "enforce");
+    let enlistment = &r["enlistment"];
+    assert_eq!(enlistment["enlisted"], true, "{enlistment}");
+    assert_eq!(enlistment["users"], 90, "{enlistment}");
+    assert_eq!(enlistment["created"], 90, "{enlistment}");
+    assert_eq!(enlistment["networks"], 3, "{enlistment}");
+    assert_eq!(enlistment["devices"], r["population"]["devices"]);
+    assert!(enlistment["duration_s"].as_f64().unwrap() > 0.0);
+    let by_code = r["errors"]["by_code"].as_object().unwrap();
+    assert!(by_code.is_empty(), "refusals: {by_code:?}");
     // Nothing acknowledged lost, nothing twice, in order; every receipt arrived.
     assert_eq!(r["sent"], 600);
     assert_eq!(r["delivered"], 600, "{}", r["deliveries"]);
@@ -158,4 +181,43 @@ fn duplicated_deliveries_are_reported_and_fail_the_run() {
     assert_eq!(r["lost"], 0);
     assert_eq!(r["integrity_pass"], false);
     assert_eq!(code, 1, "exit status");
+}
+
+#[test]
+fn a_refused_enlistment_fails_the_run_with_the_status_and_the_error_body() {
+    // Loadgen signs network 2's consents with a key the spawned relay does not have
+    // registered for it: the relay refuses the enlistment with CONSENT_INVALID.
+    let (code, report, stderr) = loadgen_run("enlist-refused", &["--fault", "network-key"]);
+    assert_eq!(code, 2, "exit status; stderr:\n{stderr}");
+    assert!(report.is_err(), "a report was written for a failed setup");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("loadgen: enlisting user n2/"))
+        .unwrap_or_else(|| panic!("no enlistment error; stderr:\n{stderr}"));
+    assert!(line.contains("HTTP 400"), "{line}");
+    assert!(line.contains("CONSENT_INVALID"), "{line}");
+    assert!(line.contains("does not verify"), "{line}");
+    assert!(!stderr.contains("loadgen: enlisted "), "{stderr}");
+}
+
+#[test]
+fn without_enlistment_the_relay_refuses_interop_and_parity_fails() {
+    let (code, r) = loadgen("no-enlist", &["--no-enlist"]);
+    assert_eq!(r["enlistment"]["enlisted"], false);
+    assert_eq!(r["enlistment"]["skipped"], "--no-enlist");
+    // First party is not interop: the rules do not apply to it.
+    let first_party = &r["classes"]["first_party"];
+    assert_eq!(first_party["delivered"], first_party["sent"]);
+    let interop = &r["classes"]["interop"];
+    assert!(interop["sent"].as_u64().unwrap() > 0);
+    assert_eq!(interop["delivered"], 0, "{interop}");
+    assert!(
+        r["errors"]["by_code"]["306"]["count"].as_u64().unwrap() > 0,
+        "no SENDER_NOT_ENLISTED: {}",
+        r["errors"]
+    );
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["integrity_pass"], true);
+    assert_eq!(r["parity_pass"], false);
+    assert_eq!(code, 3, "exit status");
 }
