@@ -105,7 +105,7 @@ impl Setup {
                 })
                 .into_iter()
                 .collect(),
-            devices: vec![1, 2],
+            devices: Some(vec![1, 2]),
             test: false,
             location: Some(Attestation {
                 country: "DE".into(),

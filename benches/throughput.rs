@@ -14,7 +14,7 @@
 //! the relay; the figure is the whole system's, not the relay's alone.
 #![allow(clippy::cast_possible_truncation, clippy::print_stdout)]
 
-use relay::core::policy::{ConsentModel, UserPolicy};
+use relay::core::policy::{ConsentModel, PartnerStatus, UserPolicy};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -216,6 +216,8 @@ fn relay_run(measure: Duration, users: u32, durability: Durability, enforce: boo
             contact_book: Arc::default(),
         };
         let policy = &relay.shared.policy;
+        policy.set_network(NetworkId(1), PartnerStatus::Active);
+        policy.set_network(NetworkId(2), PartnerStatus::Active);
         for u in 0..1000u32 {
             policy.set_user(
                 UserAddress::new(NetworkId(1), UserId(u128::from(u))),

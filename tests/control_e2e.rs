@@ -1211,3 +1211,185 @@ async fn malformed_paths_ids_and_device_sets_are_refused_in_json() {
     let message = lookup.body["error"]["message"].as_str().unwrap();
     assert!(message.starts_with("identifier_hash:"), "{message}");
 }
+
+/// Each network has its own identifiers: one network can neither probe nor take another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_are_per_network() {
+    let relay = ControlRelay::start("identifier_namespaces");
+    let hidden = user(GATEKEEPER, 0x11);
+    let theirs = user(PARTNER, 0x21);
+    let asker = user(GATEKEEPER, 0x12);
+    let number = "+491701112233";
+    relay
+        .enlist(
+            &hidden,
+            &Enlist {
+                discoverable: false,
+                identifiers: vec![("phone", number.into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    // The partner's user may hold the same number: no clash is reported across networks.
+    let same = relay
+        .try_enlist(
+            &theirs,
+            &Enlist {
+                identifiers: vec![("phone", number.into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    assert_eq!(same.status, 201, "{}", same.body);
+    relay.enlist(&asker, &Enlist::default()).await;
+    let found = ok(relay
+        .api(Who::Gatekeeper)
+        .post(
+            "/v1/discovery/bulk",
+            &json!({"requester": user_hex(&asker), "identifier_hashes": [hash_of("phone", number)]}),
+        )
+        .await
+        .unwrap());
+    let matches = found["matches"].as_array().unwrap();
+    assert_eq!(matches.len(), 1, "{found}");
+    assert_eq!(matches[0]["user"]["network"], 2);
+}
+
+/// Opting out forgets the user's contacts and requests, in the store too: after a restart
+/// and a new enlistment, an old contact starts over with a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_opt_out_old_contacts_start_over() {
+    let mut relay = ControlRelay::start("opt_out_contacts");
+    let a = user(GATEKEEPER, 0x11);
+    let b = user(PARTNER, 0x21);
+    relay.enlist(&a, &Enlist::default()).await;
+    let request_always = Enlist {
+        model: "request_always",
+        ..Enlist::default()
+    };
+    relay.enlist(&b, &request_always).await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let first = envelope(a.device(client::DeviceId(1)), b);
+    gatekeeper.send_envelope(&first, b"x").await;
+    gatekeeper
+        .expect_rejected(first.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    let partner = relay.api(Who::Partner);
+    let request = wait_request(&partner, |_| true).await;
+    let id = request["id"].as_u64().unwrap();
+    ok(partner
+        .post(&format!("/v1/requests/{id}/accept"), &json!({}))
+        .await
+        .unwrap());
+    // B opts out; its network cannot decide for it any more; an old consent does not bring
+    // it back.
+    let old_consent = relay.consent(&b, "request_always", true);
+    ok(partner.delete(&user_path(&b)).await.unwrap());
+    let stale = partner
+        .put(&user_path(&b), &json!({"consent": old_consent}))
+        .await
+        .unwrap();
+    assert_error(&stale, 400, ErrorCode::ConsentInvalid);
+    drop(gatekeeper);
+    relay.restart(|_| {});
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    relay.enlist(&b, &request_always).await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let again = envelope(a.device(client::DeviceId(1)), b);
+    gatekeeper.send_envelope(&again, b"x").await;
+    gatekeeper
+        .expect_rejected(again.message_id, ErrorCode::MessageRequestPending)
+        .await;
+    // A new request, which B's network sees.
+    let partner = relay.api(Who::Partner);
+    let fresh = wait_request(&partner, |r| r["id"].as_u64() != Some(id)).await;
+    assert_eq!(fresh["sender"]["user"], user_hex(&a));
+}
+
+/// Re-enlisting (a fresh consent) without a device list keeps the devices and the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_enlisting_without_devices_keeps_them() {
+    let relay = ControlRelay::start("re_enlist_devices");
+    let a = user(GATEKEEPER, 0x11);
+    let b = user(PARTNER, 0x21);
+    relay.enlist(&a, &Enlist::default()).await;
+    relay
+        .enlist(
+            &b,
+            &Enlist {
+                devices: vec![1, 2],
+                ..Enlist::default()
+            },
+        )
+        .await;
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let queued = envelope(a.device(client::DeviceId(1)), b);
+    gatekeeper.send_accepted(&queued, b"waiting").await;
+    let renewed = ok(relay
+        .api(Who::Partner)
+        .put(
+            &user_path(&b),
+            &json!({"consent": relay.consent(&b, "everyone", true)}),
+        )
+        .await
+        .unwrap());
+    assert_eq!(renewed["devices"], json!([1, 2]));
+    let mut partner = relay.session(PARTNER).await;
+    let delivered = partner.expect_deliveries(2).await;
+    assert!(delivered.iter().all(|d| d.id() == queued.message_id));
+}
+
+/// A suspended network may read and opt its users out, nothing more; a device token valid
+/// for more than a day is refused; a fingerprint listed twice (in any case) is refused and
+/// the registry still loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_networks_tokens_and_duplicate_fingerprints() {
+    let mut relay = ControlRelay::start("suspended_writes");
+    let b = user(PARTNER, 0x21);
+    relay.enlist(&b, &Enlist::default()).await;
+    let operator = relay.api(Who::Operator);
+    ok(operator
+        .post(
+            "/v1/partners/2/status",
+            &json!({"status": "suspended", "reason": "audit", "ground": "integrity"}),
+        )
+        .await
+        .unwrap());
+    let partner = relay.api(Who::Partner);
+    let write = partner
+        .put(
+            &format!("{}/devices", user_path(&b)),
+            &json!({"devices": [1]}),
+        )
+        .await
+        .unwrap();
+    assert_error(&write, 403, ErrorCode::PartnerSuspended);
+    ok(partner.get(&user_path(&b)).await.unwrap());
+    ok(partner.delete(&user_path(&b)).await.unwrap());
+
+    let device = user(GATEKEEPER, 0x11).device(client::DeviceId(1));
+    let key = std::fs::read(relay.pki("gatekeeper-token.pk8")).unwrap();
+    let token =
+        client::mint_device_token(&key, device, common::now_ms() + 48 * 3_600_000, 77).unwrap();
+    let options = client::ConnectOptions::new(relay.addr, relay.tls(None), client::Role::Device)
+        .token(token)
+        .connect_timeout(common::STEP_TIMEOUT);
+    match client::connect(options).await {
+        Err(client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, ErrorCode::TokenInvalid.as_u16())
+        }
+        Err(other) => panic!("expected TOKEN_INVALID, got {other}"),
+        Ok(_) => panic!("a two-day token was accepted"),
+    }
+
+    let three = relay.new_network(3);
+    let mut body = relay.partner_body(&three, "testing");
+    body["cert_sha256"] = json!([three.fingerprint, three.fingerprint.to_ascii_uppercase()]);
+    assert_error(
+        &operator.post("/v1/partners", &body).await.unwrap(),
+        400,
+        ErrorCode::RequestMalformed,
+    );
+    relay.restart(|_| {});
+    ok(relay.api(Who::Operator).get("/v1/partners").await.unwrap());
+}

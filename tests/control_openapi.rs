@@ -1950,12 +1950,22 @@ async fn answers_validate_against_the_document() {
             ErrorCode::IdentifierInvalid,
         )
         .await;
+    // Identifiers are per network: another user of network 2 holds `frank_p2`.
+    relay
+        .enlist(
+            &user(PARTNER, 0xf4a4c),
+            &Enlist {
+                identifiers: vec![("username", "frank_p2".into())],
+                ..Enlist::default()
+            },
+        )
+        .await;
     check
         .expect_error(
             &partner,
             "POST",
             &format!("{alice_path}/identifiers/change"),
-            Body::Conforming(json!({"old": {"type": "phone", "value": "+491709999999"}, "new": {"type": "username", "value": "bob_gk"}})),
+            Body::Conforming(json!({"old": {"type": "phone", "value": "+491709999999"}, "new": {"type": "username", "value": "frank_p2"}})),
             ErrorCode::IdentifierTaken,
         )
         .await;
@@ -2475,7 +2485,7 @@ async fn oversized_bodies_are_refused_as_documented() {
     for (who, path) in [
         (Who::Partner, "/v1/users/2/1/contact-book"),
         (Who::Operator, "/v1/partners"),
-        (Who::Anonymous, "/v1/discovery/bulk"),
+        (Who::Gatekeeper, "/v1/discovery/bulk"),
     ] {
         let method = if path.ends_with("contact-book") {
             "PUT"
@@ -2492,4 +2502,14 @@ async fn oversized_bodies_are_refused_as_documented() {
             )
             .await;
     }
+    // A stranger is refused before its body is read.
+    check
+        .expect_error(
+            &relay.api(Who::Anonymous),
+            "POST",
+            "/v1/discovery/bulk",
+            Body::Raw(big.clone()),
+            ErrorCode::CertificateRequired,
+        )
+        .await;
 }

@@ -55,6 +55,12 @@ impl Server {
         );
         let relay = Relay::start_with(config, auth, policy)?;
         injector.attach(relay.shared.clone());
+        if let Err(e) = control.reconcile(now_ms()) {
+            tracing::error!(
+                "control plane: reconciling with the data plane: {}",
+                e.message
+            );
+        }
         let shared = relay.shared.clone();
         let durability = config.durability.name();
         let render = Arc::new(move || {

@@ -87,7 +87,7 @@ impl World {
                 signature: base64::engine::general_purpose::STANDARD.encode(signature.as_ref()),
             }),
             identifiers: Vec::new(),
-            devices: vec![1],
+            devices: Some(vec![1]),
             test: false,
             location: Some(Attestation {
                 country: country.into(),
@@ -175,10 +175,13 @@ fn the_event_feed_forgets_after_its_retention() {
     let control = world.open(T0);
     let (a, b) = (user(1, 1), user(2, 2));
     world.enlist(&control, a, ConsentModel::Everyone, T0, "DE");
-    world.enlist(&control, b, ConsentModel::Everyone, T0, "DE");
-    control.opt_out(Caller::Network(b.network), b, T0).unwrap();
+    world.enlist(&control, b, ConsentModel::RequestAlways, T0, "DE");
+    // At T0 network 2 hears of a request; two days later network 1 of its acceptance.
+    assert!(control.policy.check(&a, &b).is_err());
+    control.drain_contact_events(T0).unwrap();
+    let id = control.requests(Caller::Network(b.network), None).unwrap()[0].id;
     control
-        .opt_out(Caller::Network(a.network), a, T0 + 2 * DAY)
+        .decide_request(Caller::Network(b.network), id, true, T0 + 2 * DAY)
         .unwrap();
     let feed = |network: u32| {
         control
@@ -188,7 +191,7 @@ fn the_event_feed_forgets_after_its_retention() {
     };
     assert_eq!((feed(1), feed(2)), (1, 1));
     assert_eq!(control.prune_events(T0 + 2 * DAY + 1).unwrap(), 1);
-    assert_eq!((feed(1), feed(2)), (0, 1));
+    assert_eq!((feed(1), feed(2)), (1, 0));
     assert_eq!(control.prune_events(T0 + 2 * DAY + 1).unwrap(), 0);
 }
 

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use codec::*;
 use relay::core::ConnId;
 use relay::core::auth::{Auth, NetworkEntry};
-use relay::core::policy::{ConsentModel, Policy, UserPolicy};
+use relay::core::policy::{ConsentModel, PartnerStatus, Policy, UserPolicy};
 use relay::core::queue::MemoryQueue;
 use relay::core::session::{Session, SessionContext, SessionEvent, write_ack};
 use relay::core::shard::{Shard, ShardOutput};
@@ -106,6 +106,8 @@ impl Harness {
         // The interop rules enforced, every user enlisted: the policy check is on the path
         // measured.
         let policy = Policy::new(true);
+        policy.set_network(NetworkId(1), PartnerStatus::Active);
+        policy.set_network(NetworkId(2), PartnerStatus::Active);
         let enlisted = || UserPolicy {
             enlisted: true,
             test: false,

@@ -137,31 +137,44 @@ impl ControlPlane {
         }
         let mut matches = Vec::new();
         for hash in hashes {
-            if let Some(found) = self.resolve(&requester, &hash, now_ms)? {
-                matches.push(found);
-            }
+            self.resolve(&requester, &hash, now_ms, &mut matches)?;
         }
         Ok(matches)
     }
 
+    /// Every user holding `hash` on any network (each network has its own identifiers: the
+    /// same number may be a user on several), or that held it and moved, for a contact.
     fn resolve(
         &self,
         requester: &UserAddress,
         hash: &str,
         now_ms: u64,
-    ) -> ApiResult<Option<Match>> {
-        if let Some(key) = self.store.get::<String>(IDENTIFIERS, hash)? {
-            let Some(record) = self.store.get::<UserRecord>(USERS, &key)? else {
-                return Ok(None);
-            };
-            if !record.discoverable() {
-                return Ok(None);
+        matches: &mut Vec<Match>,
+    ) -> ApiResult<()> {
+        let prefix = format!("{hash}|");
+        for (_, key) in self.store.scan::<String>(IDENTIFIERS, &prefix)? {
+            if let Some(record) = self.store.get::<UserRecord>(USERS, &key)?
+                && record.discoverable()
+                && let Some(found) = self.reachable(requester, &record, hash, None)
+            {
+                matches.push(found);
             }
-            return Ok(self.reachable(requester, &record, hash, None));
         }
-        let Some(moved) = self.store.get::<Moved>(MOVED, hash)? else {
-            return Ok(None);
-        };
+        for (_, moved) in self.store.scan::<Moved>(MOVED, &prefix)? {
+            if let Some(found) = self.resolve_moved(requester, hash, now_ms, moved)? {
+                matches.push(found);
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_moved(
+        &self,
+        requester: &UserAddress,
+        hash: &str,
+        now_ms: u64,
+        moved: Moved,
+    ) -> ApiResult<Option<Match>> {
         if moved.until_ms <= now_ms {
             return Ok(None);
         }

@@ -163,6 +163,7 @@ impl ControlPlane {
         upload: KeyUpload,
     ) -> ApiResult<DeviceKeys> {
         require_network(caller, user.network)?;
+        self.require_active(caller)?;
         if let Some(key) = &upload.identity_key {
             check_key("identity_key", key, &PUBLIC_KEY_LENGTHS)?;
         }

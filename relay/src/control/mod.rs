@@ -231,6 +231,8 @@ pub struct ControlPlane {
     limiter: Mutex<RateLimiter>,
     /// Serializes read-modify-write sequences that span the store and the policy table.
     writer: Mutex<()>,
+    /// Contact events whose batch failed to commit, tried again first.
+    contact_retry: Mutex<Vec<crate::core::policy::ContactEvent>>,
 }
 
 /// What the control plane shares with the data plane: the handshake table and the policy it
@@ -275,6 +277,7 @@ impl ControlPlane {
             operators,
             limiter: Mutex::new(RateLimiter::default()),
             writer: Mutex::new(()),
+            contact_retry: Mutex::new(Vec::new()),
         };
         control
             .register_configured(configured, now_ms)
@@ -292,6 +295,24 @@ impl ControlPlane {
         self.auth
             .network_of_cert(cert_der, now_ms)
             .map(Caller::Network)
+    }
+
+    /// A suspended network may read, and opt its users out, but change nothing else.
+    fn require_active(&self, caller: Caller) -> ApiResult<()> {
+        match caller {
+            Caller::Network(network)
+                if self.policy.network_status(network)
+                    == Some(crate::core::policy::PartnerStatus::Suspended) =>
+            {
+                Err(ApiError::new(
+                    ErrorCode::PartnerSuspended,
+                    format!(
+                        "network {network} is suspended: it may read and opt users out, nothing more"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {

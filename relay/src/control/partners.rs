@@ -232,6 +232,17 @@ impl ControlPlane {
                 };
                 tx.put(PARTNERS, &key, &partner)?;
             }
+            // A network taken out of the configuration no longer speaks for anyone.
+            for (key, old) in tx_partners(tx)? {
+                if old.source == Source::Config && !networks.iter().any(|n| n.id.0 == old.id) {
+                    tracing::warn!(
+                        network = old.id,
+                        "network {} is no longer configured: unregistered",
+                        old.name
+                    );
+                    tx.delete(PARTNERS, &key)?;
+                }
+            }
             Ok::<(), ApiError>(())
         })?;
         self.sync_networks()
@@ -240,6 +251,8 @@ impl ControlPlane {
     /// Pushes the registry into the handshake table and the policy.
     fn sync_networks(&self) -> ApiResult<()> {
         let partners = self.store.scan::<Partner>(PARTNERS, "")?;
+        let known: Vec<NetworkId> = partners.iter().map(|(_, p)| NetworkId(p.id)).collect();
+        self.policy.retain_networks(&known);
         let mut entries = Vec::new();
         for (_, partner) in &partners {
             self.policy
@@ -301,6 +314,11 @@ impl ControlPlane {
             if parse_hash(&lower).is_none() {
                 return Err(ApiError::malformed(format!(
                     "cert_sha256: {fingerprint:?} is not 64 hex digits"
+                )));
+            }
+            if fingerprints.contains(&lower) {
+                return Err(ApiError::malformed(format!(
+                    "cert_sha256: {fingerprint:?} is listed twice"
                 )));
             }
             fingerprints.push(lower);
@@ -381,6 +399,30 @@ impl ControlPlane {
                 format!("certificate {used} is in use (by another network or the operator)"),
             ));
         }
+        // The table the handshake would use with it must hold together (a certificate or a
+        // CA for two networks, ...), or the registry could not be loaded at the next start.
+        let mut entries: Vec<NetworkEntry> = self
+            .store
+            .scan::<Partner>(PARTNERS, "")?
+            .into_iter()
+            .filter(|(_, p)| p.id != partner.id)
+            .map(|(_, p)| p.entry())
+            .collect();
+        if let Some(ca) = &partner.ca_pem {
+            let ders = ca_ders(ca);
+            if entries
+                .iter()
+                .any(|e| e.client_ca_der.iter().any(|d| ders.contains(d)))
+            {
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    "this CA already speaks for another network",
+                ));
+            }
+        }
+        entries.push(partner.entry());
+        crate::core::auth::Auth::check(entries)
+            .map_err(|e| ApiError::new(ErrorCode::AlreadyExists, e))?;
         self.store.write(|tx| {
             let key = partner.id.to_string();
             if tx.get::<Partner>(PARTNERS, &key)?.is_some() {
@@ -479,6 +521,17 @@ impl ControlPlane {
         );
         Ok(partner)
     }
+}
+
+/// Every partner record, inside a write transaction.
+fn tx_partners(tx: &mut super::store::Tx<'_>) -> super::store::StoreResult<Vec<(String, Partner)>> {
+    let mut out = Vec::new();
+    for key in tx.keys(PARTNERS, "", usize::MAX)? {
+        if let Some(partner) = tx.get::<Partner>(PARTNERS, &key)? {
+            out.push((key, partner));
+        }
+    }
+    Ok(out)
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::{self, EventKind};
-use super::store::{REQUEST_INDEX, REQUESTS, USERS};
+use super::store::{ACCEPTED_BY, REQUEST_INDEX, REQUESTS, StoreResult, Tx, USERS};
 use super::users::{Accepted, UserRecord};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, caller_network, user_key};
 use crate::core::policy::{ContactEvent, Party};
@@ -35,83 +35,81 @@ pub struct MessageRequest {
     pub decided_at_ms: Option<u64>,
 }
 
+/// Contact events stored per transaction at most.
+const DRAIN_BATCH: usize = 1024;
+
+/// Records that `user` accepts `accepted`, with the reverse index an opt-out of the accepted
+/// user needs; nothing for a user that is not enlisted.
+pub(super) fn add_acceptance(
+    tx: &mut Tx<'_>,
+    user: &UserAddress,
+    accepted: Accepted,
+) -> StoreResult<()> {
+    let key = user_key(user);
+    let Some(mut record) = tx.get::<UserRecord>(USERS, &key)? else {
+        return Ok(());
+    };
+    if !record.enlisted || record.accepted.contains(&accepted) {
+        return Ok(());
+    }
+    record.accepted.push(accepted);
+    tx.put(USERS, &key, &record)?;
+    if let Accepted::User(other) = accepted {
+        tx.put(
+            ACCEPTED_BY,
+            &format!("{}|{key}", user_key(&other.address())),
+            &(),
+        )?;
+    }
+    Ok(())
+}
+
 impl ControlPlane {
-    /// Stores what the data plane reported: accepted pairs and new requests.
+    /// Stores what the data plane reported (accepted pairs and new requests), a batch per
+    /// transaction; a batch that fails to commit is kept and tried again next time.
     pub fn drain_contact_events(&self, now_ms: u64) -> ApiResult<usize> {
         let mut handled = 0;
-        while let Ok(event) = self.policy.contact_events().try_recv() {
-            handled += 1;
-            match event {
-                ContactEvent::Wrote { sender, recipient } => {
-                    self.remember_accepted(sender, Party::User(recipient))?;
+        loop {
+            let mut batch = std::mem::take(
+                &mut *self
+                    .contact_retry
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            while batch.len() < DRAIN_BATCH {
+                match self.policy.contact_events().try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
                 }
-                ContactEvent::Requested {
-                    sender,
-                    recipient,
-                    party,
-                } => self.create_request(sender, recipient, party, now_ms)?,
             }
+            if batch.is_empty() {
+                return Ok(handled);
+            }
+            let _guard = self.lock();
+            let stored = self.store.write(|tx| {
+                for event in &batch {
+                    match *event {
+                        ContactEvent::Wrote { sender, recipient } => {
+                            add_acceptance(tx, &sender, Accepted::User(UserRef::of(recipient)))?;
+                        }
+                        ContactEvent::Requested {
+                            sender,
+                            recipient,
+                            party,
+                        } => create_request(tx, sender, recipient, party, now_ms)?,
+                    }
+                }
+                Ok::<_, ApiError>(())
+            });
+            if let Err(error) = stored {
+                *self
+                    .contact_retry
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = batch;
+                return Err(error);
+            }
+            handled += batch.len();
         }
-        Ok(handled)
-    }
-
-    fn remember_accepted(&self, user: UserAddress, party: Party) -> ApiResult<()> {
-        let key = user_key(&user);
-        let _guard = self.lock();
-        self.store.write(|tx| {
-            if let Some(mut record) = tx.get::<UserRecord>(USERS, &key)? {
-                let accepted = Accepted::of(party);
-                if record.enlisted && !record.accepted.contains(&accepted) {
-                    record.accepted.push(accepted);
-                    tx.put(USERS, &key, &record)?;
-                }
-            }
-            Ok::<_, ApiError>(())
-        })
-    }
-
-    fn create_request(
-        &self,
-        sender: UserAddress,
-        recipient: UserAddress,
-        party: Party,
-        now_ms: u64,
-    ) -> ApiResult<()> {
-        let admits = Accepted::of(party);
-        let pair = pair_key(&recipient, admits);
-        let _guard = self.lock();
-        self.store.write(|tx| {
-            // One request per (recipient, what it admits), whatever became of it.
-            if tx.get::<u64>(REQUEST_INDEX, &pair)?.is_some() {
-                return Ok(());
-            }
-            let id = tx.next("next_request")?;
-            tx.put(REQUEST_INDEX, &pair, &id)?;
-            tx.put(
-                REQUEST_INDEX,
-                &format!("net|{:010}|{id:020}", recipient.network.0),
-                &id,
-            )?;
-            let request = MessageRequest {
-                id,
-                recipient: UserRef::of(recipient),
-                sender: UserRef::of(sender),
-                admits,
-                state: RequestState::Pending,
-                created_at_ms: now_ms,
-                decided_at_ms: None,
-            };
-            tx.put(REQUESTS, &format!("{id:020}"), &request)?;
-            events::append(
-                tx,
-                now_ms,
-                EventKind::RequestCreated,
-                Some(recipient.network.0),
-                None,
-                json!({"request": id, "recipient": UserRef::of(recipient), "sender": UserRef::of(sender), "admits": admits}),
-            )?;
-            Ok::<_, ApiError>(())
-        })
     }
 
     /// The requests addressed to the caller's users.
@@ -146,6 +144,7 @@ impl ControlPlane {
         now_ms: u64,
     ) -> ApiResult<MessageRequest> {
         let network = caller_network(caller)?;
+        self.require_active(caller)?;
         let key = format!("{id:020}");
         let _guard = self.lock();
         let request = self.store.write(|tx| {
@@ -153,6 +152,12 @@ impl ControlPlane {
                 tx.get(REQUESTS, &key)?.ok_or_else(ApiError::not_found)?;
             if request.recipient.network != network.0 {
                 // Another network's request: as if it did not exist.
+                return Err(ApiError::not_found());
+            }
+            let enlisted = tx
+                .get::<UserRecord>(USERS, &user_key(&request.recipient.address()))?
+                .is_some_and(|r| r.enlisted);
+            if !enlisted {
                 return Err(ApiError::not_found());
             }
             if request.state != RequestState::Pending {
@@ -169,13 +174,7 @@ impl ControlPlane {
             request.decided_at_ms = Some(now_ms);
             tx.put(REQUESTS, &key, &request)?;
             if accept {
-                let user_key = user_key(&request.recipient.address());
-                if let Some(mut record) = tx.get::<UserRecord>(USERS, &user_key)?
-                    && !record.accepted.contains(&request.admits)
-                {
-                    record.accepted.push(request.admits);
-                    tx.put(USERS, &user_key, &record)?;
-                }
+                add_acceptance(tx, &request.recipient.address(), request.admits)?;
                 events::append(
                     tx,
                     now_ms,
@@ -202,4 +201,61 @@ fn pair_key(recipient: &UserAddress, admits: Accepted) -> String {
         Accepted::Network(network) => format!("n:{network}"),
     };
     format!("pair|{}|{admits}", user_key(recipient))
+}
+
+/// Records a request unless `recipient` already got one for what it would admit.
+fn create_request(
+    tx: &mut Tx<'_>,
+    sender: UserAddress,
+    recipient: UserAddress,
+    party: Party,
+    now_ms: u64,
+) -> StoreResult<()> {
+    let admits = Accepted::of(party);
+    let pair = pair_key(&recipient, admits);
+    // One request per (recipient, what it admits), whatever became of it.
+    if tx.get::<u64>(REQUEST_INDEX, &pair)?.is_some() {
+        return Ok(());
+    }
+    let id = tx.next("next_request")?;
+    tx.put(REQUEST_INDEX, &pair, &id)?;
+    tx.put(
+        REQUEST_INDEX,
+        &format!("net|{:010}|{id:020}", recipient.network.0),
+        &id,
+    )?;
+    let request = MessageRequest {
+        id,
+        recipient: UserRef::of(recipient),
+        sender: UserRef::of(sender),
+        admits,
+        state: RequestState::Pending,
+        created_at_ms: now_ms,
+        decided_at_ms: None,
+    };
+    tx.put(REQUESTS, &format!("{id:020}"), &request)?;
+    events::append(
+        tx,
+        now_ms,
+        EventKind::RequestCreated,
+        Some(recipient.network.0),
+        None,
+        json!({"request": id, "recipient": UserRef::of(recipient), "sender": UserRef::of(sender), "admits": admits}),
+    )
+}
+
+/// Deletes every request addressed to `recipient` (it opted out), with their index entries.
+pub(super) fn forget_requests_to(tx: &mut Tx<'_>, recipient: &UserAddress) -> StoreResult<()> {
+    let prefix = format!("pair|{}|", user_key(recipient));
+    for key in tx.keys(REQUEST_INDEX, &prefix, usize::MAX)? {
+        if let Some(id) = tx.get::<u64>(REQUEST_INDEX, &key)? {
+            tx.delete(REQUESTS, &format!("{id:020}"))?;
+            tx.delete(
+                REQUEST_INDEX,
+                &format!("net|{:010}|{id:020}", recipient.network.0),
+            )?;
+        }
+        tx.delete(REQUEST_INDEX, &key)?;
+    }
+    Ok(())
 }

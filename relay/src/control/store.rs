@@ -17,14 +17,16 @@ pub type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 pub const PARTNERS: Table = TableDefinition::new("partners");
 /// Users by `network:user-hex`.
 pub const USERS: Table = TableDefinition::new("users");
-/// Current identifier hash (hex) → user key.
+/// `<identifier hash hex>|<network, 10 digits>` → user key: identifiers are per network.
 pub const IDENTIFIERS: Table = TableDefinition::new("identifiers");
-/// Former identifier hash (hex) → where it moved, during the grace period.
+/// `<former identifier hash hex>|<network>` → where it moved, during the grace period.
 pub const MOVED: Table = TableDefinition::new("moved");
 /// Message requests by id (20 decimal digits, so keys sort by id).
 pub const REQUESTS: Table = TableDefinition::new("requests");
 /// Indexes of the requests: `pair|<recipient>|<admits>` and `net|<network>|<id>` → id.
 pub const REQUEST_INDEX: Table = TableDefinition::new("request_index");
+/// `<accepted user key>|<acceptor user key>`: who accepted a user, for its opt-out.
+pub const ACCEPTED_BY: Table = TableDefinition::new("accepted_by");
 /// Device key records by `network:user-hex:device`.
 pub const DEVICE_KEYS: Table = TableDefinition::new("device_keys");
 /// One-time prekeys and KeyPackages by `network:user-hex:device|kind|sequence`.
@@ -34,13 +36,14 @@ pub const EVENTS: Table = TableDefinition::new("events");
 /// Counters (`next_request`, `next_event`, ...).
 pub const META: Table = TableDefinition::new("meta");
 
-const ALL: [Table; 10] = [
+const ALL: [Table; 11] = [
     PARTNERS,
     USERS,
     IDENTIFIERS,
     MOVED,
     REQUESTS,
     REQUEST_INDEX,
+    ACCEPTED_BY,
     DEVICE_KEYS,
     ONE_TIME_KEYS,
     EVENTS,

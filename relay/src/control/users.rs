@@ -16,7 +16,7 @@ use super::events::{self, EventKind};
 use super::identifier::{Identifier, IdentifierType, hex, parse_hash};
 use super::location::{self, DAY_MS};
 use super::partners::Partner;
-use super::store::{DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, USERS};
+use super::store::{ACCEPTED_BY, DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, USERS};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, require_network, user_key};
 use crate::core::policy::{ConsentModel, Party, UserPolicy};
 
@@ -167,8 +167,9 @@ pub struct Enlistment {
     pub consent: Option<ConsentRecord>,
     #[serde(default)]
     pub identifiers: Vec<IdentifierInput>,
+    /// The user's device set; absent on a re-enlistment: unchanged (on a first: none).
     #[serde(default)]
-    pub devices: Vec<u32>,
+    pub devices: Option<Vec<u32>>,
     #[serde(default)]
     pub test: bool,
     pub location: Option<Attestation>,
@@ -236,8 +237,25 @@ impl ControlPlane {
                 self.policy.accept(address, accepted.party());
             }
         }
-        self.location_sweep(now_ms)?;
         tracing::info!("control plane: {} users loaded", users.len());
+        Ok(())
+    }
+
+    /// Once the data plane runs: carries out again what a crash may have cut short (the
+    /// deletion of an opted-out user's interop messages), and applies the location rule to
+    /// the time that passed while the relay was down, with its notices.
+    pub fn reconcile(&self, now_ms: u64) -> ApiResult<()> {
+        let mut purged = 0;
+        for (_, record) in self.store.scan::<UserRecord>(USERS, "")? {
+            if !record.enlisted && record.opted_out_at_ms.is_some() {
+                self.data_plane.purge_interop(record.address());
+                purged += 1;
+            }
+        }
+        let changed = self.location_sweep(now_ms)?;
+        tracing::info!(
+            "control plane: queues of {purged} opted-out users checked, {changed} location standings changed"
+        );
         Ok(())
     }
 
@@ -300,6 +318,7 @@ impl ControlPlane {
         now_ms: u64,
     ) -> ApiResult<(UserRecord, bool)> {
         require_network(caller, user.network)?;
+        self.require_active(caller)?;
         let consent = request.consent.ok_or_else(|| {
             ApiError::new(
                 ErrorCode::ConsentRequired,
@@ -317,7 +336,10 @@ impl ControlPlane {
             .iter()
             .map(IdentifierInput::parse)
             .collect::<ApiResult<Vec<_>>>()?;
-        let devices = check_devices(&request.devices, self.settings.devices_per_user_max)?;
+        let devices = match &request.devices {
+            Some(devices) => Some(check_devices(devices, self.settings.devices_per_user_max)?),
+            None => None,
+        };
         if let Some(attestation) = &request.location {
             check_attestation(attestation, now_ms)?;
         }
@@ -326,7 +348,7 @@ impl ControlPlane {
         let (record, created) = self.store.write(|tx| {
             let old: Option<UserRecord> = tx.get(USERS, &key)?;
             for identifier in &identifiers {
-                let hash = hex(&identifier.hash());
+                let hash = id_key(&user, identifier);
                 if let Some(holder) = tx.get::<String>(IDENTIFIERS, &hash)?
                     && holder != key
                 {
@@ -343,12 +365,20 @@ impl ControlPlane {
             if let Some(old) = &old {
                 for identifier in &old.identifiers {
                     if !identifiers.contains(identifier) {
-                        tx.delete(IDENTIFIERS, &hex(&identifier.hash()))?;
+                        tx.delete(IDENTIFIERS, &id_key(&user, identifier))?;
                     }
                 }
             }
             for identifier in &identifiers {
-                tx.put(IDENTIFIERS, &hex(&identifier.hash()), &key)?;
+                tx.put(IDENTIFIERS, &id_key(&user, identifier), &key)?;
+            }
+            if let Some(out_at) = old.as_ref().and_then(|o| o.opted_out_at_ms)
+                && consent.opted_in_at_ms <= out_at
+            {
+                return Err(ApiError::new(
+                    ErrorCode::ConsentInvalid,
+                    "the opt-in predates the user's opt-out; ask the user again",
+                ));
             }
             let created = old.as_ref().is_none_or(|o| !o.enlisted);
             let mut record = old.unwrap_or_else(|| UserRecord {
@@ -375,7 +405,9 @@ impl ControlPlane {
             }
             record.opted_out_at_ms = None;
             record.identifiers = identifiers.clone();
-            record.devices = request.devices.clone();
+            if let Some(devices) = &request.devices {
+                record.devices = devices.clone();
+            }
             if let Some(attestation) = request.location.clone() {
                 add_attestation(&mut record, attestation);
             }
@@ -395,7 +427,9 @@ impl ControlPlane {
         for accepted in &record.accepted {
             self.policy.accept(user, accepted.party());
         }
-        self.data_plane.set_devices(user, devices);
+        if let Some(devices) = devices {
+            self.data_plane.set_devices(user, devices);
+        }
         tracing::info!(%user, "enlisted ({:?})", record.model());
         Ok((record, created))
     }
@@ -404,6 +438,8 @@ impl ControlPlane {
     /// identifiers, contact book, keys and contacts forgotten, every other network told.
     pub fn opt_out(&self, caller: Caller, user: UserAddress, now_ms: u64) -> ApiResult<UserRecord> {
         require_network(caller, user.network)?;
+        // Contacts the data plane reported and not yet stored are contacts to tell.
+        self.drain_contact_events(now_ms)?;
         let key = user_key(&user);
         let _guard = self.lock();
         let record = self.store.write(|tx| {
@@ -412,7 +448,7 @@ impl ControlPlane {
                 .filter(|r: &UserRecord| r.enlisted)
                 .ok_or_else(ApiError::not_found)?;
             for identifier in &record.identifiers {
-                tx.delete(IDENTIFIERS, &hex(&identifier.hash()))?;
+                tx.delete(IDENTIFIERS, &id_key(&user, identifier))?;
             }
             for device in &record.devices {
                 tx.delete(DEVICE_KEYS, &format!("{key}:{device}"))?;
@@ -421,6 +457,32 @@ impl ControlPlane {
                 .take_first::<serde_json::Value>(ONE_TIME_KEYS, &format!("{key}:"))?
                 .is_some()
             {}
+            // Its contacts, both ways: the users it accepted, and those who accepted it (the
+            // reverse index); both forget it, and only their networks are told.
+            let mut told: Vec<u32> = Vec::new();
+            for accepted in &record.accepted {
+                if let Accepted::User(other) = accepted {
+                    tx.delete(
+                        ACCEPTED_BY,
+                        &format!("{}|{key}", user_key(&other.address())),
+                    )?;
+                    told.push(other.network);
+                }
+            }
+            for entry in tx.keys(ACCEPTED_BY, &format!("{key}|"), usize::MAX)? {
+                tx.delete(ACCEPTED_BY, &entry)?;
+                let Some(acceptor_key) = entry.split_once('|').map(|(_, a)| a.to_string()) else {
+                    continue;
+                };
+                if let Some(mut acceptor) = tx.get::<UserRecord>(USERS, &acceptor_key)? {
+                    acceptor
+                        .accepted
+                        .retain(|a| *a != Accepted::User(UserRef::of(user)));
+                    tx.put(USERS, &acceptor_key, &acceptor)?;
+                    told.push(acceptor.network);
+                }
+            }
+            super::requests::forget_requests_to(tx, &user)?;
             record.enlisted = false;
             record.opted_out_at_ms = Some(now_ms);
             record.consent = None;
@@ -431,14 +493,18 @@ impl ControlPlane {
             record.last_in_eea_ms = None;
             record.in_region = false;
             tx.put(USERS, &key, &record)?;
-            events::append(
-                tx,
-                now_ms,
-                EventKind::UserDelisted,
-                None,
-                Some(user.network.0),
-                json!({"user": UserRef::of(user)}),
-            )?;
+            told.sort_unstable();
+            told.dedup();
+            for network in told.into_iter().filter(|n| *n != user.network.0) {
+                events::append(
+                    tx,
+                    now_ms,
+                    EventKind::UserDelisted,
+                    Some(network),
+                    None,
+                    json!({"user": UserRef::of(user)}),
+                )?;
+            }
             Ok::<_, ApiError>(record)
         })?;
         self.policy.remove_user(&user);
@@ -459,6 +525,7 @@ impl ControlPlane {
         now_ms: u64,
     ) -> ApiResult<UserRecord> {
         require_network(caller, user.network)?;
+        self.require_active(caller)?;
         let old = change.old.parse()?;
         let new = change.new.parse()?;
         let key = user_key(&user);
@@ -475,7 +542,7 @@ impl ControlPlane {
                     "the old identifier is not one of the user's",
                 ));
             };
-            let new_hash = hex(&new.hash());
+            let new_hash = id_key(&user, &new);
             if let Some(holder) = tx.get::<String>(IDENTIFIERS, &new_hash)?
                 && holder != key
             {
@@ -484,7 +551,7 @@ impl ControlPlane {
                     "the new identifier belongs to another user",
                 ));
             }
-            let old_hash = hex(&old.hash());
+            let old_hash = id_key(&user, &old);
             tx.delete(IDENTIFIERS, &old_hash)?;
             tx.put(IDENTIFIERS, &new_hash, &key)?;
             tx.delete(MOVED, &new_hash)?;
@@ -514,6 +581,7 @@ impl ControlPlane {
         hashes: Vec<String>,
     ) -> ApiResult<usize> {
         require_network(caller, user.network)?;
+        self.require_active(caller)?;
         if hashes.len() > CONTACT_BOOK_MAX {
             return Err(ApiError::malformed(format!(
                 "hashes: at most {CONTACT_BOOK_MAX}"
@@ -552,6 +620,7 @@ impl ControlPlane {
         devices: Vec<u32>,
     ) -> ApiResult<UserRecord> {
         require_network(caller, user.network)?;
+        self.require_active(caller)?;
         let ids = check_devices(&devices, self.settings.devices_per_user_max)?;
         let key = user_key(&user);
         let _guard = self.lock();
@@ -585,6 +654,7 @@ impl ControlPlane {
         now_ms: u64,
     ) -> ApiResult<UserRecord> {
         require_network(caller, user.network)?;
+        self.require_active(caller)?;
         check_attestation(&attestation, now_ms)?;
         let key = user_key(&user);
         {
@@ -700,6 +770,13 @@ impl ControlPlane {
         tracing::info!(%user, in_region = standing.in_region, "location standing changed");
         Ok(true)
     }
+}
+
+/// The store key of an identifier: its hash, then the network (identifiers are per network:
+/// one network's users cannot take, or learn about, another's numbers), so that discovery
+/// finds every network's holder with one prefix scan.
+fn id_key(user: &UserAddress, identifier: &Identifier) -> String {
+    format!("{}|{:010}", hex(&identifier.hash()), user.network.0)
 }
 
 fn add_attestation(record: &mut UserRecord, attestation: Attestation) {

@@ -32,6 +32,9 @@ pub struct NetworkEntry {
     pub client_ca_der: Vec<Vec<u8>>,
 }
 
+/// The longest a device token may be valid (plus five minutes of clock skew).
+pub const TOKEN_LIFETIME_MAX_MS: u64 = (24 * 60 + 5) * 60 * 1000;
+
 /// A refusal at handshake time: a code and a reason for the `Error` frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
@@ -90,7 +93,9 @@ struct Table {
 #[derive(Debug)]
 pub struct Auth {
     table: RwLock<Table>,
-    tokens: Mutex<TokenCache>,
+    /// Token ids seen, per network: one network's tokens can fill only its own cache.
+    tokens: Mutex<HashMap<NetworkId, TokenCache>>,
+    token_ids_max: usize,
     /// The TLS client verifier, told of every network CA.
     verifier: OnceLock<Arc<DynamicClientVerifier>>,
 }
@@ -145,14 +150,10 @@ impl Table {
 impl Auth {
     pub fn new(networks: Vec<NetworkEntry>, token_ids_max: usize) -> Result<Auth, String> {
         let table = Table::build(networks)?;
-        let tokens = TokenCache {
-            seen: HashMap::new(),
-            expiry: BinaryHeap::new(),
-            max: token_ids_max.max(1),
-        };
         Ok(Auth {
             table: RwLock::new(table),
-            tokens: Mutex::new(tokens),
+            tokens: Mutex::new(HashMap::new()),
+            token_ids_max: token_ids_max.max(1),
             verifier: OnceLock::new(),
         })
     }
@@ -176,6 +177,11 @@ impl Auth {
 
     pub fn networks(&self) -> Vec<NetworkEntry> {
         self.read().networks.values().cloned().collect()
+    }
+
+    /// Whether `networks` would make a consistent table (what [`Auth::replace`] accepts).
+    pub fn check(networks: Vec<NetworkEntry>) -> Result<(), String> {
+        Table::build(networks).map(|_| ())
     }
 
     /// Replaces the whole table (the control plane's registry changed); refused, and the
@@ -293,10 +299,23 @@ impl Auth {
                 "the device token has expired",
             ));
         }
-        let mut tokens = self
+        // A token id is remembered until its token expires: a bounded lifetime keeps the
+        // replay cache from filling with tokens that never go.
+        if expires_at_ms > now_ms.saturating_add(TOKEN_LIFETIME_MAX_MS) {
+            return Err(refused(
+                ErrorCode::TokenInvalid,
+                "the device token expires more than 24 hours ahead",
+            ));
+        }
+        let mut caches = self
             .tokens
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tokens = caches.entry(device.network).or_insert_with(|| TokenCache {
+            seen: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            max: self.token_ids_max,
+        });
         match tokens.record(now_ms, token.token_id.to_native(), expires_at_ms) {
             Ok(()) => Ok(Principal::Device { device }),
             Err(ErrorCode::TokenReplayed) => Err(refused(

@@ -185,6 +185,12 @@ impl Policy {
         self.networks.insert(network, status);
     }
 
+    /// Forgets every network not in `known` (and its traffic limit).
+    pub fn retain_networks(&self, known: &[NetworkId]) {
+        self.networks.retain(|n, _| known.contains(n));
+        self.rates.retain(|n, _| known.contains(n));
+    }
+
     /// Sets (or, with 0, lifts) the network's limit of cross-network frames per second.
     pub fn set_rate(&self, network: NetworkId, per_second: u32) {
         if per_second == 0 {
@@ -299,10 +305,16 @@ impl Policy {
         recipient: &UserAddress,
         record: bool,
     ) -> Result<(), ErrorCode> {
-        let sender_network = self.network_status(sender.network);
-        let recipient_network = self.network_status(recipient.network);
-        if sender_network == Some(PartnerStatus::Suspended)
-            || recipient_network == Some(PartnerStatus::Suspended)
+        // A network the registry does not know (removed from the configuration, say)
+        // neither sends nor receives across networks.
+        let (Some(sender_network), Some(recipient_network)) = (
+            self.network_status(sender.network),
+            self.network_status(recipient.network),
+        ) else {
+            return Err(ErrorCode::NetworkUnknown);
+        };
+        if sender_network == PartnerStatus::Suspended
+            || recipient_network == PartnerStatus::Suspended
         {
             return Err(ErrorCode::PartnerSuspended);
         }
@@ -322,8 +334,8 @@ impl Policy {
         if !to.in_region {
             return Err(ErrorCode::RecipientOutsideRegion);
         }
-        if (sender_network == Some(PartnerStatus::Testing) && !to.test)
-            || (recipient_network == Some(PartnerStatus::Testing) && !from.test)
+        if (sender_network == PartnerStatus::Testing && !to.test)
+            || (recipient_network == PartnerStatus::Testing && !from.test)
         {
             return Err(ErrorCode::PartnerTesting);
         }
@@ -366,11 +378,15 @@ impl Policy {
         if self.accepted.contains_key(&key) {
             return;
         }
-        self.accepted.insert(key, ());
-        // A full channel loses only the stored copy; the pair stays accepted in memory.
-        let _ = self
+        // Marked only once the control plane will store it: with the channel full, the next
+        // frame of the pair tries again.
+        if self
             .contacts
-            .try_send(ContactEvent::Wrote { sender, recipient });
+            .try_send(ContactEvent::Wrote { sender, recipient })
+            .is_ok()
+        {
+            self.accepted.insert(key, ());
+        }
     }
 
     /// Hands a first contact to the control plane once per (recipient, party).
@@ -417,9 +433,17 @@ mod tests {
         }
     }
 
+    /// An enforcing policy with networks 1 and 2 active.
+    fn policy() -> Policy {
+        let policy = Policy::new(true);
+        policy.set_network(NetworkId(1), PartnerStatus::Active);
+        policy.set_network(NetworkId(2), PartnerStatus::Active);
+        policy
+    }
+
     #[test]
     fn same_network_traffic_is_not_interop() {
-        let policy = Policy::new(true);
+        let policy = policy();
         assert_eq!(policy.check(&user(1, 1), &user(1, 2)), Ok(()));
         assert_eq!(
             policy.check(&user(1, 1), &user(2, 2)),
@@ -429,7 +453,7 @@ mod tests {
 
     #[test]
     fn each_rule_has_its_code() {
-        let policy = Policy::new(true);
+        let policy = policy();
         let (a, b) = (user(1, 1), user(2, 2));
         policy.set_user(a, enlisted(ConsentModel::Everyone));
         assert_eq!(policy.check(&a, &b), Err(ErrorCode::RecipientNotEnlisted));
@@ -450,7 +474,7 @@ mod tests {
 
     #[test]
     fn a_request_is_recorded_once_and_acceptance_opens_both_ways() {
-        let policy = Policy::new(true);
+        let policy = policy();
         let (a, b) = (user(1, 1), user(2, 2));
         policy.set_user(a, enlisted(ConsentModel::RequestAlways));
         policy.set_user(b, enlisted(ConsentModel::RequestAlways));
@@ -478,7 +502,7 @@ mod tests {
 
     #[test]
     fn contact_book_and_per_network_models() {
-        let policy = Policy::new(true);
+        let policy = policy();
         let (a, b, c) = (user(1, 1), user(2, 2), user(1, 3));
         let mut from = enlisted(ConsentModel::Everyone);
         from.identifiers = vec![[7; 32]];
@@ -510,7 +534,7 @@ mod tests {
         assert_eq!(passed, 11);
         assert!(gate.take(now).unwrap_err() >= 100);
         assert!(gate.take(now + 200).is_ok());
-        let policy = Policy::new(true);
+        let policy = policy();
         policy.set_rate(NetworkId(2), 1);
         assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_ok());
         assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_ok());
@@ -518,6 +542,26 @@ mod tests {
         assert!(policy.admit(&user(2, 1), &user(2, 2), now).is_ok());
         policy.set_rate(NetworkId(2), 0);
         assert!(policy.admit(&user(2, 1), &user(1, 1), now).is_ok());
+    }
+
+    #[test]
+    fn an_unknown_network_neither_sends_nor_receives() {
+        let policy = policy();
+        policy.set_user(user(1, 1), enlisted(ConsentModel::Everyone));
+        policy.set_user(user(3, 3), enlisted(ConsentModel::Everyone));
+        assert_eq!(
+            policy.check(&user(1, 1), &user(3, 3)),
+            Err(ErrorCode::NetworkUnknown)
+        );
+        assert_eq!(
+            policy.check(&user(3, 3), &user(1, 1)),
+            Err(ErrorCode::NetworkUnknown)
+        );
+        policy.retain_networks(&[NetworkId(1)]);
+        assert_eq!(
+            policy.check(&user(1, 1), &user(2, 2)),
+            Err(ErrorCode::NetworkUnknown)
+        );
     }
 
     #[test]

@@ -93,6 +93,20 @@ impl Session {
         };
         let Some(principal) = self.principal else {
             return match view.header {
+                // A device of a suspended network is refused before its token is even
+                // recorded (a suspended network cannot fill the replay cache).
+                HeaderRef::Hello(hello)
+                    if matches!(&hello.token, rkyv::option::ArchivedOption::Some(t)
+                        if cx.policy.network_status(t.device.get().network)
+                            == Some(PartnerStatus::Suspended)) =>
+                {
+                    self.fail(
+                        ErrorCode::PartnerSuspended,
+                        "this device's network is suspended",
+                        out,
+                        events,
+                    )
+                }
                 HeaderRef::Hello(hello) => {
                     match cx.auth.authenticate(cx.now_ms, hello, cx.peer_cert) {
                         Ok(principal)

@@ -15,7 +15,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use codec::{ErrorCode, NetworkId, UserAddress, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -188,6 +188,30 @@ fn authenticate(context: &HttpContext, peer: Peer) -> ApiResult<(Arc<ControlPlan
     Ok((control, caller))
 }
 
+/// The control plane and the authenticated caller. An extractor from the request head, so a
+/// stranger is refused before its body is read.
+struct Authed(Arc<ControlPlane>, Caller);
+
+impl axum::extract::FromRequestParts<HttpContext> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        context: &HttpContext,
+    ) -> Result<Authed, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<Peer>()
+            .cloned()
+            .unwrap_or(Peer::Plain);
+        let (control, caller) = authenticate(context, peer)?;
+        Ok(Authed(control, caller))
+    }
+}
+
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Parses a JSON body, naming what is wrong.
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::malformed(format!("body: {e}")))
@@ -200,7 +224,14 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Body, ApiError> {
-        match Bytes::from_request(request, state).await {
+        let Ok(read) =
+            tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(request, state)).await
+        else {
+            let mut error = ApiError::malformed("the request body did not arrive in time");
+            error.status = 408;
+            return Err(error);
+        };
+        match read {
             Ok(bytes) => Ok(Body(bytes)),
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::new(
@@ -265,44 +296,31 @@ fn parse_number<T: std::str::FromStr>(field: &str, text: &str) -> ApiResult<T> {
         .map_err(|_| ApiError::malformed(format!("{field}: {text:?} is not a number in range")))
 }
 
-type Ctx = State<HttpContext>;
-type PeerExt = Extension<Peer>;
-
-async fn partners_list(State(cx): Ctx, Extension(peer): PeerExt) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
+async fn partners_list(Authed(control, caller): Authed) -> ApiResult<Response> {
     let list = blocking(move || control.partners(caller)).await?;
     Ok(Json(json!({"partners": list})).into_response())
 }
 
-async fn partner_add(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
-    Body(bytes): Body,
-) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
+async fn partner_add(Authed(control, caller): Authed, Body(bytes): Body) -> ApiResult<Response> {
     let new: NewPartner = body(&bytes)?;
     let partner = blocking(move || control.partner_add(caller, new, crate::io::now_ms())).await?;
     Ok((StatusCode::CREATED, Json(partner)).into_response())
 }
 
 async fn partner_show(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let id: u32 = parse_number("id", &id)?;
     let partner = blocking(move || control.partner(caller, id)).await?;
     Ok(Json(partner).into_response())
 }
 
 async fn partner_status(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath(id): ApiPath<String>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let id: u32 = parse_number("id", &id)?;
     let change: NewStatus = body(&bytes)?;
     let partner =
@@ -312,12 +330,10 @@ async fn partner_status(
 }
 
 async fn user_enlist(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let request: Enlistment = body(&bytes)?;
     let (record, created) =
@@ -331,34 +347,28 @@ async fn user_enlist(
 }
 
 async fn user_show(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let record = blocking(move || control.user(caller, user)).await?;
     Ok(Json(record).into_response())
 }
 
 async fn user_opt_out(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let record = blocking(move || control.opt_out(caller, user, crate::io::now_ms())).await?;
     Ok(Json(record).into_response())
 }
 
 async fn user_identifier_change(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let change: IdentifierChange = body(&bytes)?;
     let record =
@@ -374,12 +384,10 @@ struct Hashes {
 }
 
 async fn user_contact_book(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let Hashes { hashes } = body(&bytes)?;
     let count = blocking(move || control.set_contact_book(caller, user, hashes)).await?;
@@ -393,12 +401,10 @@ struct Devices {
 }
 
 async fn user_devices(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let Devices { devices } = body(&bytes)?;
     let record = blocking(move || control.set_devices(caller, user, devices)).await?;
@@ -406,12 +412,10 @@ async fn user_devices(
 }
 
 async fn user_location(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let attestation: Attestation = body(&bytes)?;
     let record =
@@ -421,11 +425,9 @@ async fn user_location(
 }
 
 async fn requests_list(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let state = match query.get("state").map(String::as_str) {
         None => None,
         Some("pending") => Some(RequestState::Pending),
@@ -441,8 +443,12 @@ async fn requests_list(
     Ok(Json(json!({"requests": list})).into_response())
 }
 
-async fn decide(cx: HttpContext, peer: Peer, id: String, accept: bool) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
+async fn decide(
+    control: Arc<ControlPlane>,
+    caller: Caller,
+    id: String,
+    accept: bool,
+) -> ApiResult<Response> {
     let id: u64 = parse_number("id", &id)?;
     let request =
         blocking(move || control.decide_request(caller, id, accept, crate::io::now_ms())).await?;
@@ -450,19 +456,17 @@ async fn decide(cx: HttpContext, peer: Peer, id: String, accept: bool) -> ApiRes
 }
 
 async fn request_accept(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    decide(cx, peer, id, true).await
+    decide(control, caller, id, true).await
 }
 
 async fn request_refuse(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    decide(cx, peer, id, false).await
+    decide(control, caller, id, false).await
 }
 
 #[derive(serde::Deserialize)]
@@ -473,11 +477,9 @@ struct Lookup {
 }
 
 async fn discovery_lookup(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let lookup: Lookup = body(&bytes)?;
     if crate::control::identifier::parse_hash(&lookup.identifier_hash.to_ascii_lowercase())
         .is_none()
@@ -499,24 +501,17 @@ async fn discovery_lookup(
     }
 }
 
-async fn discovery_bulk(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
-    Body(bytes): Body,
-) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
+async fn discovery_bulk(Authed(control, caller): Authed, Body(bytes): Body) -> ApiResult<Response> {
     let request: DiscoveryRequest = body(&bytes)?;
     let matches = blocking(move || control.discover(caller, request, crate::io::now_ms())).await?;
     Ok(Json(json!({"matches": matches})).into_response())
 }
 
 async fn keys_upload(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user, device)): ApiPath<(String, String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let device: u32 = parse_number("device", &device)?;
     let upload: KeyUpload = body(&bytes)?;
@@ -525,11 +520,9 @@ async fn keys_upload(
 }
 
 async fn keys_show(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user, device)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let device: u32 = parse_number("device", &device)?;
     let keys = blocking(move || control.device_keys(caller, user, device)).await?;
@@ -537,12 +530,10 @@ async fn keys_show(
 }
 
 async fn keys_claim(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
     Body(bytes): Body,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let user = parse_user(&network, &user)?;
     let claim: Claim = body(&bytes)?;
     let bundles =
@@ -551,11 +542,9 @@ async fn keys_claim(
 }
 
 async fn events_list(
-    State(cx): Ctx,
-    Extension(peer): PeerExt,
+    Authed(control, caller): Authed,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let (control, caller) = authenticate(&cx, peer)?;
     let after: u64 = match query.get("after") {
         Some(text) => parse_number("after", text)?,
         None => 0,
