@@ -1393,3 +1393,38 @@ async fn suspended_networks_tokens_and_duplicate_fingerprints() {
     relay.restart(|_| {});
     ok(relay.api(Who::Operator).get("/v1/partners").await.unwrap());
 }
+
+/// A suspension reaches the network's direct device sessions too: told, then closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspension_closes_direct_device_sessions() {
+    let relay = ControlRelay::start("suspend_devices");
+    let b = user(PARTNER, 0x21);
+    relay.enlist(&b, &Enlist::default()).await;
+    let key = std::fs::read(relay.pki("partner-token.pk8")).unwrap();
+    let token = client::mint_device_token(
+        &key,
+        b.device(client::DeviceId(1)),
+        common::now_ms() + 3_600_000,
+        91,
+    )
+    .unwrap();
+    let options = client::ConnectOptions::new(relay.addr, relay.tls(None), client::Role::Device)
+        .token(token)
+        .connect_timeout(common::STEP_TIMEOUT);
+    let mut device = common::Session::new("device", client::connect(options).await.unwrap());
+    // The device is bound before the suspension is ordered.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ok(relay
+        .api(Who::Operator)
+        .post(
+            "/v1/partners/2/status",
+            &json!({"status": "suspended", "reason": "audit", "ground": "privacy"}),
+        )
+        .await
+        .unwrap());
+    match device.event().await {
+        Event::Notice(notice) => assert_eq!(notice.kind, NoticeKind::Suspension),
+        other => panic!("expected the suspension notice, got {other:?}"),
+    }
+    device.expect_error(ErrorCode::PartnerSuspended).await;
+}

@@ -391,7 +391,10 @@ async fn concurrent_claims_hand_out_each_one_time_key_once() {
     const ONE_TIME: u32 = 20;
     const PACKAGES: usize = 12;
     const CLAIMS: usize = 64;
-    let relay = ControlRelay::start("keys-once");
+    // 128 claims by one requester for one user: above the default per-pair limit.
+    let relay = ControlRelay::start_configured("keys-once", |config| {
+        config.interop.key_claims_per_pair_per_day = 1000;
+    });
     let owner = common::user(GATEKEEPER, 0x6201);
     let requester = common::user(PARTNER, 0x6202);
     relay.enlist(&owner, &Enlist::default()).await;
@@ -1233,4 +1236,48 @@ async fn removing_a_device_forgets_its_keys() {
             "the new device's prekey, not the removed one's: {bundle}"
         );
     }
+}
+
+/// Claims are limited per (requester, target): draining someone's one-time keys is refused
+/// with RATE_LIMITED and a hint, and the keys left stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_one_users_keys_is_rate_limited() {
+    let relay = ControlRelay::start_configured("keys-drain", |config| {
+        config.interop.key_claims_per_pair_per_day = 3;
+    });
+    let owner = common::user(GATEKEEPER, 0x6301);
+    let requester = common::user(PARTNER, 0x6302);
+    relay.enlist(&owner, &Enlist::default()).await;
+    relay.enlist(&requester, &Enlist::default()).await;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let upload = serde_json::json!({
+        "identity_key": b64(&[1; 32]),
+        "signed_prekey": {"id": 1, "key": b64(&[2; 32]), "signature": b64(&[3; 64])},
+        "one_time_prekeys": (1..=10).map(|id| serde_json::json!({"id": id, "key": b64(&[4; 32])})).collect::<Vec<_>>(),
+    });
+    ok(relay
+        .api(Who::Gatekeeper)
+        .put(
+            &format!("/v1/keys/1/{}/1", client::control::user_hex(&owner)),
+            &upload,
+        )
+        .await
+        .unwrap());
+    let claim = serde_json::json!({"requester": client::control::user_hex(&requester), "protocol": "signal"});
+    let path = format!("/v1/keys/1/{}/claim", client::control::user_hex(&owner));
+    for _ in 0..3 {
+        ok(relay.api(Who::Partner).post(&path, &claim).await.unwrap());
+    }
+    let refused = relay.api(Who::Partner).post(&path, &claim).await.unwrap();
+    assert_error(&refused, 429, client::ErrorCode::RateLimited);
+    assert!(refused.retry_after_s.is_some_and(|s| s > 0));
+    let left = ok(relay
+        .api(Who::Gatekeeper)
+        .get(&format!(
+            "/v1/keys/1/{}/1",
+            client::control::user_hex(&owner)
+        ))
+        .await
+        .unwrap());
+    assert_eq!(left["one_time_prekeys"], 7);
 }

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::{self, EventKind};
-use super::store::{DEVICE_KEYS, ONE_TIME_KEYS, Tx, USERS};
+use super::ratelimit::Key;
+use super::store::{DEVICE_KEYS, META, ONE_TIME_KEYS, Tx, USERS};
 use super::users::UserRecord;
 use super::{
     ApiError, ApiResult, Caller, ControlPlane, String32, UserRef, caller_network, require_network,
@@ -252,6 +253,10 @@ impl ControlPlane {
                 ));
             }
             tx.put(DEVICE_KEYS, &key, &keys)?;
+            // Fresh keys: the next time they run out is news again.
+            for protocol in [Protocol::Signal, Protocol::Mls] {
+                tx.delete(META, &format!("keys_low|{key}|{protocol:?}"))?;
+            }
             Ok(keys)
         })
     }
@@ -292,6 +297,34 @@ impl ControlPlane {
                     format!("user {:032x} may not reach this user now", requester.user.0),
                 ),
             });
+        }
+        let limits = [
+            (
+                Key::Claims(network),
+                self.settings.key_claims_per_partner_per_min,
+                60_000,
+            ),
+            (
+                Key::ClaimPair(requester, user),
+                self.settings.key_claims_per_pair_per_day,
+                super::location::DAY_MS,
+            ),
+        ];
+        let taken = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(now_ms, 1, &limits);
+        if let Err(wait_ms) = taken {
+            let mut error = ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "key claim limit reached; retry in {} s",
+                    wait_ms.div_ceil(1000)
+                ),
+            );
+            error.retry_after_s = Some(wait_ms.div_ceil(1000));
+            return Err(error);
         }
         let user_key = user_key(&user);
         let low = u64::from(self.settings.prekeys_low);
@@ -356,10 +389,17 @@ impl ControlPlane {
                     Protocol::Signal => keys.one_time_prekeys,
                     Protocol::Mls => keys.key_packages,
                 };
-                // Told when the stock crosses the mark, when the last one-time key goes, and
-                // at every claim served from the last-resort key.
-                let crossed = !bundle.last_resort && (left + 1 == low || left == 0);
-                if crossed || bundle.last_resort {
+                // Told when the stock crosses the mark and when it is gone (the last one-time
+                // key taken, or the first claim served from the last-resort key), once until
+                // the next upload: a drained device does not make an event per claim.
+                let crossed = !bundle.last_resort && left + 1 == low;
+                let exhausted = left == 0;
+                let told_key = format!("keys_low|{key}|{:?}", claim.protocol);
+                let already_told = exhausted && tx.get::<bool>(META, &told_key)?.is_some();
+                if (crossed || exhausted) && !already_told {
+                    if exhausted {
+                        tx.put(META, &told_key, &true)?;
+                    }
                     events::append(
                         tx,
                         now_ms,

@@ -69,7 +69,8 @@ impl ApiError {
             | ErrorCode::RecipientOutsideRegion
             | ErrorCode::SenderOutsideRegion
             | ErrorCode::PartnerSuspended
-            | ErrorCode::PartnerTesting => 403,
+            | ErrorCode::PartnerTesting
+            | ErrorCode::NetworkUnknown => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists | ErrorCode::IdentifierTaken | ErrorCode::RequestDecided => {
                 409
@@ -128,6 +129,11 @@ pub struct InteropSettings {
     pub consent_max_age_days: u32,
     /// Below this many one-time prekeys (or KeyPackages) the owner is told to upload more.
     pub prekeys_low: u32,
+    /// Key claims one partner may make per minute.
+    pub key_claims_per_partner_per_min: u32,
+    /// Key claims one requesting user may make for one target user per day (a session set
+    /// up again now and then; not a drain of someone's one-time keys).
+    pub key_claims_per_pair_per_day: u32,
     /// SHA-256 (hex) of the operator's client certificates (the development PKI adds its own).
     pub operator_cert_sha256: Vec<String>,
     /// How often the location rule is re-evaluated for every user, in seconds.
@@ -157,6 +163,8 @@ impl Default for InteropSettings {
             discovery_per_user_per_day: 5_000,
             consent_max_age_days: 30,
             prekeys_low: 10,
+            key_claims_per_partner_per_min: 60_000,
+            key_claims_per_pair_per_day: 100,
             operator_cert_sha256: Vec::new(),
             location_sweep_s: 60,
             api_body_bytes_max: 1 << 20,
@@ -178,6 +186,9 @@ impl InteropSettings {
         }
         if self.location_sweep_s == 0 {
             return Err("interop.location_sweep_s: must be at least 1".into());
+        }
+        if self.key_claims_per_partner_per_min == 0 || self.key_claims_per_pair_per_day == 0 {
+            return Err("interop.key_claims_per_*: must be at least 1".into());
         }
         if self.events_retention_days == 0 {
             return Err("interop.events_retention_days: must be at least 1".into());

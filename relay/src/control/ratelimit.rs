@@ -1,6 +1,8 @@
-//! Token buckets against enumeration: identifiers looked up per partner per minute and per
-//! requesting user per day. Sans-IO: the time is an argument. Buckets of idle keys are
-//! dropped once full again, so the map holds only recently active partners and users.
+//! Token buckets against enumeration and draining: identifiers looked up per partner per
+//! minute and per requesting user per day, key claims per partner and per (requester,
+//! target). Sans-IO: the time is an argument. A bucket is dropped once it would be full again
+//! (one period without use), and the map is bounded: past `BUCKETS_MAX` live buckets a new
+//! key is refused until some run full.
 
 use std::collections::HashMap;
 
@@ -10,6 +12,8 @@ use codec::{NetworkId, UserAddress};
 struct Bucket {
     tokens: f64,
     at_ms: u64,
+    /// Its own period: after that long without use it is full and can go.
+    period_ms: u64,
 }
 
 /// What a bucket is for.
@@ -17,22 +21,38 @@ struct Bucket {
 pub enum Key {
     Partner(NetworkId),
     User(UserAddress),
+    /// Key claims of one partner.
+    Claims(NetworkId),
+    /// Key claims of one requester for one target user.
+    ClaimPair(UserAddress, UserAddress),
 }
 
 /// Buckets kept before idle (full) ones are swept.
 const BUCKETS_SWEEP_AT: usize = 100_000;
+/// Live buckets at most.
+const BUCKETS_MAX: usize = 1_000_000;
 
 #[derive(Debug, Default)]
 pub struct RateLimiter {
     buckets: HashMap<Key, Bucket>,
+    /// When the buckets were last swept (at most once a second: a sweep scans them all).
+    swept_at_ms: u64,
 }
 
 impl RateLimiter {
     /// Takes `cost` tokens from each `(key, capacity, period_ms)` bucket, all or none.
     /// `Err` is the wait, in milliseconds, until the cost would fit.
     pub fn take(&mut self, now_ms: u64, cost: u32, limits: &[(Key, u32, u64)]) -> Result<(), u64> {
-        if self.buckets.len() > BUCKETS_SWEEP_AT {
-            self.sweep(now_ms, limits);
+        if self.buckets.len() > BUCKETS_SWEEP_AT && now_ms >= self.swept_at_ms + 1000 {
+            self.sweep(now_ms);
+            self.swept_at_ms = now_ms;
+        }
+        let new_keys = limits
+            .iter()
+            .filter(|(key, ..)| !self.buckets.contains_key(key))
+            .count();
+        if self.buckets.len() + new_keys > BUCKETS_MAX {
+            return Err(limits.iter().map(|l| l.2).max().unwrap_or(60_000));
         }
         let mut wait_ms = 0u64;
         for &(key, capacity, period_ms) in limits {
@@ -67,7 +87,9 @@ impl RateLimiter {
         let bucket = self.buckets.entry(key).or_insert(Bucket {
             tokens: f64::from(capacity),
             at_ms: now_ms,
+            period_ms,
         });
+        bucket.period_ms = period_ms;
         let elapsed = now_ms.saturating_sub(bucket.at_ms) as f64;
         let rate = f64::from(capacity) / period_ms.max(1) as f64;
         bucket.tokens = (bucket.tokens + elapsed * rate).min(f64::from(capacity));
@@ -75,11 +97,10 @@ impl RateLimiter {
         *bucket
     }
 
-    fn sweep(&mut self, now_ms: u64, limits: &[(Key, u32, u64)]) {
-        // Without the capacity of every key at hand, a day without use is taken as full.
-        let idle_ms = limits.iter().map(|l| l.2).max().unwrap_or(0);
+    /// Drops the buckets that have refilled completely.
+    fn sweep(&mut self, now_ms: u64) {
         self.buckets
-            .retain(|_, b| now_ms.saturating_sub(b.at_ms) < idle_ms);
+            .retain(|_, b| now_ms.saturating_sub(b.at_ms) < b.period_ms);
     }
 }
 

@@ -331,9 +331,9 @@ impl Policy {
             .get(recipient)
             .filter(|p| p.enlisted)
             .ok_or(ErrorCode::RecipientNotEnlisted)?;
-        if !to.in_region {
-            return Err(ErrorCode::RecipientOutsideRegion);
-        }
+        // Where the recipient is, is for those it accepted: checked after its consent, so a
+        // sender it has not accepted learns nothing of it but "pending".
+        let to_in_region = to.in_region;
         if (sender_network == PartnerStatus::Testing && !to.test)
             || (recipient_network == PartnerStatus::Testing && !from.test)
         {
@@ -363,6 +363,7 @@ impl Policy {
                 }
                 Err(ErrorCode::MessageRequestPending)
             }
+            _ if !to_in_region => Err(ErrorCode::RecipientOutsideRegion),
             _ => {
                 if record {
                     self.wrote(*sender, *recipient);

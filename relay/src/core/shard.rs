@@ -91,6 +91,12 @@ pub enum ShardInput {
         frame: Bytes,
         close: bool,
     },
+    /// The network is suspended: write `frame` to the direct device sessions of its users on
+    /// this shard, then close them (sent to every shard).
+    CloseNetworkDevices {
+        network: NetworkId,
+        frame: Bytes,
+    },
 }
 
 /// Why the relay refused an envelope, receipt or device list.
@@ -874,6 +880,26 @@ impl<Q: DeviceQueue> Shard<Q> {
                     self.out.push_back(ShardOutput::Send {
                         conn,
                         frame: frame.clone(),
+                    });
+                }
+            }
+            ShardInput::CloseNetworkDevices { network, frame } => {
+                let mut conns: Vec<ConnId> = self
+                    .users
+                    .iter()
+                    .filter(|(user, _)| user.network == network)
+                    .flat_map(|(_, state)| state.devices.iter().filter_map(|d| d.direct))
+                    .collect();
+                conns.sort_unstable();
+                conns.dedup();
+                for conn in conns {
+                    self.out.push_back(ShardOutput::Send {
+                        conn,
+                        frame: frame.clone(),
+                    });
+                    self.out.push_back(ShardOutput::Close {
+                        conn,
+                        code: ErrorCode::PartnerSuspended,
                     });
                 }
             }

@@ -102,15 +102,30 @@ impl DataPlane for ShardInjector {
     }
 
     fn notice_network(&self, network: NetworkId, notice: Notice, close: bool) {
-        if let Some(frame) = encode_notice(&notice) {
-            self.send(
-                0,
-                ShardInput::NoticeNetwork {
-                    network,
-                    frame,
-                    close,
-                },
-            );
+        let Some(frame) = encode_notice(&notice) else {
+            return;
+        };
+        // Every shard knows every server session: one tells them.
+        self.send(
+            0,
+            ShardInput::NoticeNetwork {
+                network,
+                frame: frame.clone(),
+                close,
+            },
+        );
+        if close {
+            // Direct device sessions are known to the shards of their users: all of them.
+            let cores = self.shared.get().map_or(0, |shared| shared.cores);
+            for shard in 0..cores {
+                self.send(
+                    shard,
+                    ShardInput::CloseNetworkDevices {
+                        network,
+                        frame: frame.clone(),
+                    },
+                );
+            }
         }
     }
 }
