@@ -126,10 +126,10 @@ impl ControlClient {
         let tls = TlsConnector::from(self.tls.config().clone())
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(ClientError::Io)?;
+            .map_err(ClientError::from_io)?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| ClientError::Config(format!("HTTP handshake: {e}")))?;
+            .map_err(|e| ClientError::Http(format!("handshake: {e}")))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -139,11 +139,11 @@ impl ControlClient {
             .header("host", "relay")
             .header("content-type", "application/json")
             .body(Full::new(body))
-            .map_err(|e| ClientError::Config(format!("request: {e}")))?;
+            .map_err(|e| ClientError::Http(format!("request: {e}")))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| ClientError::Config(format!("HTTP: {e}")))?;
+            .map_err(|e| ClientError::Http(e.to_string()))?;
         let status = response.status().as_u16();
         let retry_after_s = response
             .headers()
@@ -154,7 +154,7 @@ impl ControlClient {
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Config(format!("HTTP body: {e}")))?
+            .map_err(|e| ClientError::Http(format!("body: {e}")))?
             .to_bytes();
         let body = serde_json::from_slice(&collected).unwrap_or(Value::Null);
         Ok(ApiResponse {

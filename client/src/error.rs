@@ -80,6 +80,11 @@ pub enum ClientError {
     /// bare `Envelope` outside a `Delivery`, or a second `Welcome`). The frame was skipped.
     #[error("unexpected {kind:?} frame from the relay")]
     UnexpectedFrame { kind: FrameKind },
+
+    /// An HTTP exchange with the control API failed (not an error answer: those are
+    /// [`ApiResponse`](crate::control::ApiResponse)s).
+    #[error("control API HTTP exchange failed: {0}")]
+    Http(String),
 }
 
 impl ClientError {
