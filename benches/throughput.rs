@@ -230,6 +230,9 @@ fn relay_run(measure: Duration, users: u32, durability: Durability, enforce: boo
                 enlisted(),
             );
         }
+        // What the control plane does with contact events: take them off the channel.
+        let contacts = policy.contact_events().clone();
+        std::thread::spawn(move || while contacts.recv().is_ok() {});
     }
     let shared = relay.shared.clone();
     let syncs = move || {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::identifier::{Identifier, hex, parse_hash};
 use super::ratelimit::Key;
-use super::store::{IDENTIFIERS, MOVED, USERS};
+use super::store::{IDENTIFIERS, MOVED, Reader, USERS};
 use super::users::{Moved, UserRecord};
 use super::{ApiError, ApiResult, Caller, ControlPlane, String32, UserRef, caller_network};
 use crate::core::policy::{PartnerStatus, Party};
@@ -135,9 +135,10 @@ impl ControlPlane {
             error.retry_after_s = Some(wait_ms.div_ceil(1000));
             return Err(error);
         }
+        let reader = self.store.reader()?;
         let mut matches = Vec::new();
         for hash in hashes {
-            self.resolve(&requester, &hash, now_ms, &mut matches)?;
+            self.resolve(&reader, &requester, &hash, now_ms, &mut matches)?;
         }
         Ok(matches)
     }
@@ -146,22 +147,23 @@ impl ControlPlane {
     /// same number may be a user on several), or that held it and moved, for a contact.
     fn resolve(
         &self,
+        reader: &Reader,
         requester: &UserAddress,
         hash: &str,
         now_ms: u64,
         matches: &mut Vec<Match>,
     ) -> ApiResult<()> {
         let prefix = format!("{hash}|");
-        for (_, key) in self.store.scan::<String>(IDENTIFIERS, &prefix)? {
-            if let Some(record) = self.store.get::<UserRecord>(USERS, &key)?
+        for (_, key) in reader.scan::<String>(IDENTIFIERS, &prefix)? {
+            if let Some(record) = reader.get::<UserRecord>(USERS, &key)?
                 && record.discoverable()
                 && let Some(found) = self.reachable(requester, &record, hash, None)
             {
                 matches.push(found);
             }
         }
-        for (_, moved) in self.store.scan::<Moved>(MOVED, &prefix)? {
-            if let Some(found) = self.resolve_moved(requester, hash, now_ms, moved)? {
+        for (_, moved) in reader.scan::<Moved>(MOVED, &prefix)? {
+            if let Some(found) = self.resolve_moved(reader, requester, hash, now_ms, moved)? {
                 matches.push(found);
             }
         }
@@ -170,6 +172,7 @@ impl ControlPlane {
 
     fn resolve_moved(
         &self,
+        reader: &Reader,
         requester: &UserAddress,
         hash: &str,
         now_ms: u64,
@@ -182,10 +185,7 @@ impl ControlPlane {
         if !self.is_contact(requester, &user) {
             return Ok(None);
         }
-        let Some(record) = self
-            .store
-            .get::<UserRecord>(USERS, &super::user_key(&user))?
-        else {
+        let Some(record) = reader.get::<UserRecord>(USERS, &super::user_key(&user))? else {
             return Ok(None);
         };
         if !record.discoverable() {

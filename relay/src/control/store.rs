@@ -88,6 +88,14 @@ impl Store {
         }
     }
 
+    /// One read transaction for many lookups (a consistent view, and one transaction's
+    /// set-up instead of one per lookup: a bulk discovery makes two per identifier).
+    pub fn reader(&self) -> StoreResult<Reader> {
+        Ok(Reader {
+            tx: self.db.begin_read()?,
+        })
+    }
+
     /// Every record whose key starts with `prefix`, in key order.
     pub fn scan<T: DeserializeOwned>(
         &self,
@@ -145,6 +153,42 @@ impl Store {
         let result = work(&mut handle)?;
         tx.commit().map_err(StoreError::from)?;
         Ok(result)
+    }
+}
+
+/// A read transaction's view, with JSON values.
+pub struct Reader {
+    tx: redb::ReadTransaction,
+}
+
+impl Reader {
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> StoreResult<Option<T>> {
+        let table = self.tx.open_table(table)?;
+        match table.get(key)? {
+            Some(value) => Ok(Some(serde_json::from_slice(value.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record whose key starts with `prefix`, in key order.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        prefix: &str,
+    ) -> StoreResult<Vec<(String, T)>> {
+        let table = self.tx.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..)? {
+            let (key, value) = entry?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            out.push((
+                key.value().to_string(),
+                serde_json::from_slice(value.value())?,
+            ));
+        }
+        Ok(out)
     }
 }
 
