@@ -14,7 +14,7 @@
 //! the relay; the figure is the whole system's, not the relay's alone.
 #![allow(clippy::cast_possible_truncation, clippy::print_stdout)]
 
-use relay::core::policy::{ConsentModel, PartnerStatus, UserPolicy};
+use relay::core::policy::{PartnerStatus, UserPolicy};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -206,15 +206,7 @@ fn relay_run(measure: Duration, users: u32, durability: Durability, enforce: boo
     let _ = std::fs::remove_dir_all(&data_dir);
     let relay = Relay::start(&config).expect("relay starts");
     if enforce {
-        let enlisted = || UserPolicy {
-            enlisted: true,
-            test: false,
-            model: ConsentModel::Everyone,
-            in_region: true,
-            region_until_ms: None,
-            identifiers: Vec::new(),
-            contact_book: Arc::default(),
-        };
+        let enlisted = UserPolicy::reachable_by_everyone;
         let policy = &relay.shared.policy;
         policy.set_network(NetworkId(1), PartnerStatus::Active);
         policy.set_network(NetworkId(2), PartnerStatus::Active);

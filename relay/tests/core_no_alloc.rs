@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use codec::*;
 use relay::core::ConnId;
 use relay::core::auth::{Auth, NetworkEntry};
-use relay::core::policy::{ConsentModel, PartnerStatus, Policy, UserPolicy};
+use relay::core::policy::{PartnerStatus, Policy, UserPolicy};
 use relay::core::queue::MemoryQueue;
 use relay::core::session::{Session, SessionContext, SessionEvent, write_ack};
 use relay::core::shard::{Shard, ShardOutput};
@@ -108,15 +108,7 @@ impl Harness {
         let policy = Policy::new(true);
         policy.set_network(NetworkId(1), PartnerStatus::Active);
         policy.set_network(NetworkId(2), PartnerStatus::Active);
-        let enlisted = || UserPolicy {
-            enlisted: true,
-            test: false,
-            model: ConsentModel::Everyone,
-            in_region: true,
-            region_until_ms: None,
-            identifiers: Vec::new(),
-            contact_book: std::sync::Arc::default(),
-        };
+        let enlisted = UserPolicy::reachable_by_everyone;
         for u in 0..7u32 {
             policy.set_user(
                 UserAddress::new(NetworkId(1), UserId(u128::from(u))),

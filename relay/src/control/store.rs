@@ -80,12 +80,7 @@ impl Store {
     }
 
     pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> StoreResult<Option<T>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(table)?;
-        match table.get(key)? {
-            Some(value) => Ok(Some(serde_json::from_slice(value.value())?)),
-            None => Ok(None),
-        }
+        self.reader()?.get(table, key)
     }
 
     /// One read transaction for many lookups (a consistent view, and one transaction's
@@ -102,20 +97,7 @@ impl Store {
         table: Table,
         prefix: &str,
     ) -> StoreResult<Vec<(String, T)>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(table)?;
-        let mut out = Vec::new();
-        for entry in table.range(prefix..)? {
-            let (key, value) = entry?;
-            if !key.value().starts_with(prefix) {
-                break;
-            }
-            out.push((
-                key.value().to_string(),
-                serde_json::from_slice(value.value())?,
-            ));
-        }
-        Ok(out)
+        self.reader()?.scan(table, prefix)
     }
 
     /// Records from key `start` on that pass `keep`, in key order, at most `limit`.

@@ -16,7 +16,7 @@ use super::events::{self, EventKind};
 use super::identifier::{Identifier, IdentifierType, hex, parse_hash};
 use super::location::{self, DAY_MS};
 use super::partners::Partner;
-use super::store::{ACCEPTED_BY, DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, USERS};
+use super::store::{ACCEPTED_BY, DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, Tx, USERS};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, require_network, user_key};
 use crate::core::policy::{ConsentModel, Party, UserPolicy};
 
@@ -443,10 +443,7 @@ impl ControlPlane {
         let key = user_key(&user);
         let _guard = self.lock();
         let record = self.store.write(|tx| {
-            let mut record: UserRecord = tx
-                .get(USERS, &key)?
-                .filter(|r: &UserRecord| r.enlisted)
-                .ok_or_else(ApiError::not_found)?;
+            let mut record = enlisted_record(tx, &key)?;
             for identifier in &record.identifiers {
                 tx.delete(IDENTIFIERS, &id_key(&user, identifier))?;
             }
@@ -532,10 +529,7 @@ impl ControlPlane {
         let until_ms = now_ms + u64::from(self.settings.identifier_grace_days) * DAY_MS;
         let _guard = self.lock();
         let record = self.store.write(|tx| {
-            let mut record: UserRecord = tx
-                .get(USERS, &key)?
-                .filter(|r: &UserRecord| r.enlisted)
-                .ok_or_else(ApiError::not_found)?;
+            let mut record = enlisted_record(tx, &key)?;
             let Some(position) = record.identifiers.iter().position(|i| *i == old) else {
                 return Err(ApiError::new(
                     ErrorCode::NotFound,
@@ -598,10 +592,7 @@ impl ControlPlane {
         let key = user_key(&user);
         let _guard = self.lock();
         self.store.write(|tx| {
-            let mut record: UserRecord = tx
-                .get(USERS, &key)?
-                .filter(|r: &UserRecord| r.enlisted)
-                .ok_or_else(ApiError::not_found)?;
+            let mut record = enlisted_record(tx, &key)?;
             record.contact_book = parsed.iter().map(|h| hex(h)).collect();
             tx.put(USERS, &key, &record)?;
             Ok::<_, ApiError>(())
@@ -625,10 +616,7 @@ impl ControlPlane {
         let key = user_key(&user);
         let _guard = self.lock();
         let record = self.store.write(|tx| {
-            let mut record: UserRecord = tx
-                .get(USERS, &key)?
-                .filter(|r: &UserRecord| r.enlisted)
-                .ok_or_else(ApiError::not_found)?;
+            let mut record = enlisted_record(tx, &key)?;
             for removed in record.devices.iter().filter(|d| !devices.contains(d)) {
                 tx.delete(DEVICE_KEYS, &format!("{key}:{removed}"))?;
                 // Its one-time keys too ("|" ends the device id: device 1 is not 10).
@@ -660,10 +648,7 @@ impl ControlPlane {
         {
             let _guard = self.lock();
             self.store.write(|tx| {
-                let mut record: UserRecord = tx
-                    .get(USERS, &key)?
-                    .filter(|r: &UserRecord| r.enlisted)
-                    .ok_or_else(ApiError::not_found)?;
+                let mut record = enlisted_record(tx, &key)?;
                 add_attestation(&mut record, attestation);
                 tx.put(USERS, &key, &record)?;
                 Ok::<_, ApiError>(())
@@ -770,6 +755,13 @@ impl ControlPlane {
         tracing::info!(%user, in_region = standing.in_region, "location standing changed");
         Ok(true)
     }
+}
+
+/// The record of an enlisted user, or `NOT_FOUND`.
+fn enlisted_record(tx: &mut Tx<'_>, key: &str) -> ApiResult<UserRecord> {
+    tx.get::<UserRecord>(USERS, key)?
+        .filter(|r| r.enlisted)
+        .ok_or_else(ApiError::not_found)
 }
 
 /// The store key of an identifier: its hash, then the network (identifiers are per network:

@@ -75,6 +75,21 @@ pub struct UserPolicy {
     pub contact_book: Arc<HashSet<[u8; 32]>>,
 }
 
+impl UserPolicy {
+    /// An enlisted user in the region whom everyone may reach (benchmarks, tests).
+    pub fn reachable_by_everyone() -> UserPolicy {
+        UserPolicy {
+            enlisted: true,
+            test: false,
+            model: ConsentModel::Everyone,
+            in_region: true,
+            region_until_ms: None,
+            identifiers: Vec::new(),
+            contact_book: Arc::default(),
+        }
+    }
+}
+
 /// What the data plane tells the control plane about contacts, to be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContactEvent {
@@ -424,13 +439,8 @@ mod tests {
 
     fn enlisted(model: ConsentModel) -> UserPolicy {
         UserPolicy {
-            enlisted: true,
-            test: false,
             model,
-            in_region: true,
-            region_until_ms: None,
-            identifiers: Vec::new(),
-            contact_book: Arc::new(HashSet::new()),
+            ..UserPolicy::reachable_by_everyone()
         }
     }
 
