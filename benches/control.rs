@@ -72,15 +72,7 @@ fn setup() -> Setup {
         key_claims_per_partner_per_min: u32::MAX,
         ..InteropSettings::default()
     };
-    let control = ControlPlane::open(
-        &dir,
-        settings,
-        &networks,
-        Vec::new(),
-        links,
-        now,
-    )
-    .unwrap();
+    let control = ControlPlane::open(&dir, settings, &networks, Vec::new(), links, now).unwrap();
     let setup = Setup { control, keys, dir };
     for u in 0..USERS {
         let network = 1 + u % 2;
