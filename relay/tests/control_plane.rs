@@ -179,7 +179,10 @@ fn the_event_feed_forgets_after_its_retention() {
     // At T0 network 2 hears of a request; two days later network 1 of its acceptance.
     assert!(control.policy.check(&a, &b).is_err());
     control.drain_contact_events(T0).unwrap();
-    let id = control.requests(Caller::Network(b.network), None).unwrap()[0].id;
+    let id = control
+        .requests(Caller::Network(b.network), None, 0, 100)
+        .unwrap()[0]
+        .id;
     control
         .decide_request(Caller::Network(b.network), id, true, T0 + 2 * DAY)
         .unwrap();
@@ -205,7 +208,9 @@ fn one_request_per_pair_whatever_became_of_it() {
     let pending = codec::ErrorCode::MessageRequestPending;
     assert_eq!(control.policy.check(&a, &b), Err(pending));
     assert_eq!(control.drain_contact_events(T0).unwrap(), 2);
-    let listed = control.requests(Caller::Network(b.network), None).unwrap();
+    let listed = control
+        .requests(Caller::Network(b.network), None, 0, 100)
+        .unwrap();
     assert_eq!(listed.len(), 1);
     control
         .decide_request(Caller::Network(b.network), listed[0].id, false, T0)
@@ -215,12 +220,56 @@ fn one_request_per_pair_whatever_became_of_it() {
     let control = world.open(T0 + DAY);
     assert_eq!(control.policy.check(&a, &b), Err(pending));
     control.drain_contact_events(T0 + DAY).unwrap();
-    let listed = control.requests(Caller::Network(b.network), None).unwrap();
+    let listed = control
+        .requests(Caller::Network(b.network), None, 0, 100)
+        .unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(
         control
-            .requests(Caller::Network(a.network), None)
+            .requests(Caller::Network(a.network), None, 0, 100)
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn requests_come_in_pages() {
+    let world = World::new("request_pages", InteropSettings::default());
+    let control = world.open(T0);
+    let b = user(2, 2);
+    world.enlist(&control, b, ConsentModel::RequestAlways, T0, "DE");
+    for sender in 10..15 {
+        let a = user(1, sender);
+        world.enlist(&control, a, ConsentModel::Everyone, T0, "DE");
+        assert!(control.policy.check(&a, &b).is_err());
+    }
+    control.drain_contact_events(T0).unwrap();
+    let caller = Caller::Network(b.network);
+    let first = control.requests(caller, None, 0, 2).unwrap();
+    assert_eq!(first.len(), 2);
+    let second = control.requests(caller, None, first[1].id, 2).unwrap();
+    let third = control.requests(caller, None, second[1].id, 2).unwrap();
+    assert_eq!((second.len(), third.len()), (2, 1));
+    assert!(first[1].id < second[0].id && second[1].id < third[0].id);
+    control
+        .decide_request(caller, second[0].id, false, T0)
+        .unwrap();
+    let refused = control
+        .requests(
+            caller,
+            Some(relay::control::requests::RequestState::Refused),
+            0,
+            2,
+        )
+        .unwrap();
+    assert_eq!(refused.len(), 1);
+    let pending = control
+        .requests(
+            caller,
+            Some(relay::control::requests::RequestState::Pending),
+            0,
+            10,
+        )
+        .unwrap();
+    assert_eq!(pending.len(), 4);
 }

@@ -30,7 +30,7 @@ pub enum EventKind {
 pub struct Event {
     pub seq: u64,
     pub kind: EventKind,
-    /// The network it is for; `None`: every network except `except`.
+    /// The network it is for.
     pub audience: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub except: Option<u32>,
@@ -41,25 +41,29 @@ pub struct Event {
 /// Events returned per call at most.
 pub const EVENTS_PAGE_MAX: usize = 1000;
 
-/// Appends an event in the caller's transaction.
+/// The store key of an event: its network first, so that a network's feed is one range.
+fn event_key(audience: u32, seq: u64) -> String {
+    format!("{audience:010}|{seq:020}")
+}
+
+/// Appends an event for `audience` in the caller's transaction.
 pub fn append(
     tx: &mut Tx<'_>,
     now_ms: u64,
     kind: EventKind,
-    audience: Option<u32>,
-    except: Option<u32>,
+    audience: u32,
     data: Value,
 ) -> StoreResult<()> {
     let seq = tx.next("next_event")?;
     let event = Event {
         seq,
         kind,
-        audience,
-        except,
+        audience: Some(audience),
+        except: None,
         at_ms: now_ms,
         data,
     };
-    tx.put(EVENTS, &format!("{seq:020}"), &event)
+    tx.put(EVENTS, &event_key(audience, seq), &event)
 }
 
 /// Events deleted per pruning transaction.
@@ -72,25 +76,36 @@ impl ControlPlane {
             u64::from(self.settings.events_retention_days) * super::location::DAY_MS,
         );
         let mut pruned = 0;
-        loop {
-            let batch = self.store.write(|tx| {
-                let mut gone = 0;
-                for key in tx.keys(EVENTS, "", PRUNE_BATCH)? {
-                    match tx.get::<Event>(EVENTS, &key)? {
-                        Some(event) if event.at_ms < cutoff => {
-                            tx.delete(EVENTS, &key)?;
-                            gone += 1;
+        // Each network's feed is a range in time order: prune from its start.
+        let networks: Vec<u32> = self
+            .store
+            .scan::<super::partners::Partner>(super::store::PARTNERS, "")?
+            .into_iter()
+            .map(|(_, p)| p.id)
+            .collect();
+        for network in networks {
+            let prefix = format!("{network:010}|");
+            loop {
+                let batch = self.store.write(|tx| {
+                    let mut gone = 0;
+                    for key in tx.keys(EVENTS, &prefix, PRUNE_BATCH)? {
+                        match tx.get::<Event>(EVENTS, &key)? {
+                            Some(event) if event.at_ms < cutoff => {
+                                tx.delete(EVENTS, &key)?;
+                                gone += 1;
+                            }
+                            _ => break,
                         }
-                        _ => break,
                     }
+                    Ok::<usize, super::ApiError>(gone)
+                })?;
+                pruned += batch;
+                if batch < PRUNE_BATCH {
+                    break;
                 }
-                Ok::<usize, super::ApiError>(gone)
-            })?;
-            pruned += batch;
-            if batch < PRUNE_BATCH {
-                return Ok(pruned);
             }
         }
+        Ok(pruned)
     }
 
     /// The caller's events after `after`, at most `limit`.
@@ -99,12 +114,9 @@ impl ControlPlane {
         let limit = limit.clamp(1, EVENTS_PAGE_MAX);
         Ok(self.store.scan_from::<Event>(
             EVENTS,
-            &format!("{:020}", after.saturating_add(1)),
+            &event_key(network, after.saturating_add(1)),
+            &format!("{network:010}|"),
             limit,
-            |e| match e.audience {
-                Some(to) => to == network,
-                None => e.except != Some(network),
-            },
         )?)
     }
 }

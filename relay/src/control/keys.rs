@@ -404,8 +404,7 @@ impl ControlPlane {
                         tx,
                         now_ms,
                         EventKind::KeysLow,
-                        Some(user.network.0),
-                        None,
+                        user.network.0,
                         json!({"user": UserRef::of(user), "device": device, "protocol": claim.protocol, "left": left}),
                     )?;
                 }

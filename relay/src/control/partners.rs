@@ -477,8 +477,7 @@ impl ControlPlane {
                 tx,
                 now_ms,
                 EventKind::PartnerStatus,
-                Some(id),
-                None,
+                id,
                 json!({"status": change.status, "reason": change.reason, "ground": change.ground}),
             )?;
             Ok::<Partner, ApiError>(partner)

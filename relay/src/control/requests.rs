@@ -35,6 +35,9 @@ pub struct MessageRequest {
     pub decided_at_ms: Option<u64>,
 }
 
+/// Requests returned per call at most.
+pub const REQUESTS_PAGE_MAX: usize = 1000;
+
 /// Contact events stored per transaction at most.
 const DRAIN_BATCH: usize = 1024;
 
@@ -113,26 +116,45 @@ impl ControlPlane {
     }
 
     /// The requests addressed to the caller's users.
+    /// The requests addressed to the caller's users with an id above `after`, in id order,
+    /// at most `limit` (a page; the next starts after the last id).
     pub fn requests(
         &self,
         caller: Caller,
         state: Option<RequestState>,
+        after: u64,
+        limit: usize,
     ) -> ApiResult<Vec<MessageRequest>> {
         let network = caller_network(caller)?;
-        let ids = self
-            .store
-            .scan::<u64>(REQUEST_INDEX, &format!("net|{:010}|", network.0))?;
-        let mut list = Vec::with_capacity(ids.len());
-        for (_, id) in ids {
-            if let Some(request) = self
+        let limit = limit.clamp(1, REQUESTS_PAGE_MAX);
+        let prefix = format!("net|{:010}|", network.0);
+        let reader = self.store.reader()?;
+        let mut list = Vec::new();
+        let mut start = format!("{prefix}{:020}", after.saturating_add(1));
+        // Filtered by state after the index: read the index a page at a time.
+        loop {
+            let ids = self
                 .store
-                .get::<MessageRequest>(REQUESTS, &format!("{id:020}"))?
-                && state.is_none_or(|s| request.state == s)
-            {
-                list.push(request);
+                .scan_from::<u64>(REQUEST_INDEX, &start, &prefix, limit)?;
+            let Some(&last) = ids.last() else {
+                return Ok(list);
+            };
+            for id in &ids {
+                if let Some(request) =
+                    reader.get::<MessageRequest>(REQUESTS, &format!("{id:020}"))?
+                    && state.is_none_or(|s| request.state == s)
+                {
+                    list.push(request);
+                    if list.len() >= limit {
+                        return Ok(list);
+                    }
+                }
             }
+            if ids.len() < limit {
+                return Ok(list);
+            }
+            start = format!("{prefix}{:020}", last.saturating_add(1));
         }
-        Ok(list)
     }
 
     /// The recipient's network answers a request.
@@ -179,8 +201,7 @@ impl ControlPlane {
                     tx,
                     now_ms,
                     EventKind::RequestAccepted,
-                    Some(request.sender.network),
-                    None,
+                    request.sender.network,
                     json!({"request": id, "recipient": request.recipient, "sender": request.sender}),
                 )?;
             }
@@ -238,8 +259,7 @@ fn create_request(
         tx,
         now_ms,
         EventKind::RequestCreated,
-        Some(recipient.network.0),
-        None,
+        recipient.network.0,
         json!({"request": id, "recipient": UserRef::of(recipient), "sender": UserRef::of(sender), "admits": admits}),
     )
 }

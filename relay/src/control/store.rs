@@ -31,7 +31,7 @@ pub const ACCEPTED_BY: Table = TableDefinition::new("accepted_by");
 pub const DEVICE_KEYS: Table = TableDefinition::new("device_keys");
 /// One-time prekeys and KeyPackages by `network:user-hex:device|kind|sequence`.
 pub const ONE_TIME_KEYS: Table = TableDefinition::new("one_time_keys");
-/// The event feed by sequence (20 decimal digits).
+/// The event feed by `<audience network, 10 digits>|<sequence, 20 digits>`.
 pub const EVENTS: Table = TableDefinition::new("events");
 /// Counters (`next_request`, `next_event`, ...).
 pub const META: Table = TableDefinition::new("meta");
@@ -100,26 +100,23 @@ impl Store {
         self.reader()?.scan(table, prefix)
     }
 
-    /// Records from key `start` on that pass `keep`, in key order, at most `limit`.
+    /// Records from key `start` on while their keys start with `prefix`, at most `limit`.
     pub fn scan_from<T: DeserializeOwned>(
         &self,
         table: Table,
         start: &str,
+        prefix: &str,
         limit: usize,
-        keep: impl Fn(&T) -> bool,
     ) -> StoreResult<Vec<T>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(table)?;
         let mut out = Vec::new();
         for entry in table.range(start..)? {
-            let (_, value) = entry?;
-            let value: T = serde_json::from_slice(value.value())?;
-            if keep(&value) {
-                out.push(value);
-                if out.len() >= limit {
-                    break;
-                }
+            let (key, value) = entry?;
+            if !key.value().starts_with(prefix) || out.len() >= limit {
+                break;
             }
+            out.push(serde_json::from_slice(value.value())?);
         }
         Ok(out)
     }

@@ -497,8 +497,7 @@ impl ControlPlane {
                     tx,
                     now_ms,
                     EventKind::UserDelisted,
-                    Some(network),
-                    None,
+                    network,
                     json!({"user": UserRef::of(user)}),
                 )?;
             }
@@ -730,8 +729,7 @@ impl ControlPlane {
                 tx,
                 now_ms,
                 EventKind::LocationChanged,
-                Some(user.network.0),
-                None,
+                user.network.0,
                 json!({"user": UserRef::of(user), "in_region": standing.in_region, "rule": window}),
             )?;
             Ok::<_, ApiError>(())

@@ -439,7 +439,15 @@ async fn requests_list(
             )));
         }
     };
-    let list = blocking(move || control.requests(caller, state)).await?;
+    let after: u64 = match query.get("after") {
+        Some(text) => parse_number("after", text)?,
+        None => 0,
+    };
+    let limit: usize = match query.get("limit") {
+        Some(text) => parse_number("limit", text)?,
+        None => crate::control::requests::REQUESTS_PAGE_MAX,
+    };
+    let list = blocking(move || control.requests(caller, state, after, limit)).await?;
     Ok(Json(json!({"requests": list})).into_response())
 }
 
