@@ -665,14 +665,14 @@ impl ControlPlane {
     pub fn location_sweep(&self, now_ms: u64) -> ApiResult<usize> {
         let mut changed = 0;
         let horizon = now_ms + u64::from(self.settings.location_sweep_s) * 1000;
-        for (user, policy) in self.policy.users() {
-            if !policy.enlisted {
-                continue;
-            }
+        let rule_off = self.settings.location == location::LocationRule::Off;
+        let due = self.policy.users_where(|policy| {
             let lapsed = policy.in_region && policy.region_until_ms.is_some_and(|u| u <= horizon);
-            let rule_off_now =
-                !policy.in_region && self.settings.location == location::LocationRule::Off;
-            if (lapsed || rule_off_now) && self.apply_location_rule(user, now_ms, horizon)? {
+            let rule_off_now = !policy.in_region && rule_off;
+            policy.enlisted && (lapsed || rule_off_now)
+        });
+        for user in due {
+            if self.apply_location_rule(user, now_ms, horizon)? {
                 changed += 1;
             }
         }

@@ -265,10 +265,12 @@ impl Policy {
         }
     }
 
-    pub fn users(&self) -> Vec<(UserAddress, UserPolicy)> {
+    /// The users whose entry passes `pick` (read in place: nothing is copied but addresses).
+    pub fn users_where(&self, pick: impl Fn(&UserPolicy) -> bool) -> Vec<UserAddress> {
         self.users
             .iter()
-            .map(|e| (*e.key(), e.value().clone()))
+            .filter(|e| pick(e.value()))
+            .map(|e| *e.key())
             .collect()
     }
 
