@@ -168,6 +168,10 @@ pub struct Policy {
     accepted: Map<(UserAddress, Party), ()>,
     /// Pairs with a request already sent to the control plane.
     requested: Map<(UserAddress, Party), ()>,
+    /// The pairs of `accepted` and `requested` each user is part of, so that an opt-out
+    /// forgets them without scanning the maps (entries of a pair already forgotten through
+    /// its other user stay until this one goes: removing them again is harmless).
+    pairs_of: Map<UserAddress, Vec<(UserAddress, Party)>>,
     contacts: Sender<ContactEvent>,
     contacts_rx: Receiver<ContactEvent>,
     /// Cross-network frames checked, and refused, since start (for `/metrics`).
@@ -185,6 +189,7 @@ impl Policy {
             users: Map::default(),
             accepted: Map::default(),
             requested: Map::default(),
+            pairs_of: Map::default(),
             contacts: tx,
             contacts_rx: rx,
             checked: AtomicU64::new(0),
@@ -253,10 +258,20 @@ impl Policy {
 
     pub fn remove_user(&self, user: &UserAddress) {
         self.users.remove(user);
-        self.accepted
-            .retain(|(recipient, party), ()| recipient != user && *party != Party::User(*user));
-        self.requested
-            .retain(|(recipient, party), ()| recipient != user && *party != Party::User(*user));
+        if let Some((_, pairs)) = self.pairs_of.remove(user) {
+            for pair in pairs {
+                self.accepted.remove(&pair);
+                self.requested.remove(&pair);
+            }
+        }
+    }
+
+    /// Notes that `pair` involves its recipient and, for a user party, that user.
+    fn index_pair(&self, pair: (UserAddress, Party)) {
+        self.pairs_of.entry(pair.0).or_default().push(pair);
+        if let Party::User(other) = pair.1 {
+            self.pairs_of.entry(other).or_default().push(pair);
+        }
     }
 
     pub fn update_user(&self, user: &UserAddress, change: impl FnOnce(&mut UserPolicy)) {
@@ -276,7 +291,9 @@ impl Policy {
 
     /// `recipient` accepts `party` (a request accepted, or `recipient` wrote first).
     pub fn accept(&self, recipient: UserAddress, party: Party) {
-        self.accepted.insert((recipient, party), ());
+        if self.accepted.insert((recipient, party), ()).is_none() {
+            self.index_pair((recipient, party));
+        }
         self.requested.remove(&(recipient, party));
     }
 
@@ -402,8 +419,9 @@ impl Policy {
             .contacts
             .try_send(ContactEvent::Wrote { sender, recipient })
             .is_ok()
+            && self.accepted.insert(key, ()).is_none()
         {
-            self.accepted.insert(key, ());
+            self.index_pair(key);
         }
     }
 
@@ -412,6 +430,7 @@ impl Policy {
         if self.requested.insert((recipient, party), ()).is_some() {
             return;
         }
+        self.index_pair((recipient, party));
         // The one who asks accepts the one asked.
         self.wrote(sender, recipient);
         let event = ContactEvent::Requested {
@@ -575,6 +594,31 @@ mod tests {
             policy.check(&user(1, 1), &user(2, 2)),
             Err(ErrorCode::NetworkUnknown)
         );
+    }
+
+    #[test]
+    fn removing_a_user_forgets_its_pairs_both_ways() {
+        let policy = policy();
+        let (a, b, c) = (user(1, 1), user(2, 2), user(1, 3));
+        for u in [a, b, c] {
+            policy.set_user(u, enlisted(ConsentModel::RequestAlways));
+        }
+        policy.accept(a, Party::User(b));
+        policy.accept(b, Party::User(a));
+        policy.accept(a, Party::User(c));
+        assert_eq!(policy.check(&c, &b), Err(ErrorCode::MessageRequestPending));
+        policy.remove_user(&b);
+        assert!(!policy.has_accepted(&a, Party::User(b)));
+        assert!(!policy.has_accepted(&b, Party::User(a)));
+        assert!(policy.has_accepted(&a, Party::User(c)));
+        // b's pending request from c is forgotten too: a new one would be recorded.
+        policy.set_user(b, enlisted(ConsentModel::RequestAlways));
+        let _ = policy.contact_events().try_iter().count();
+        assert_eq!(policy.check(&c, &b), Err(ErrorCode::MessageRequestPending));
+        assert!(policy.contact_events().try_iter().any(|e| matches!(
+            e,
+            ContactEvent::Requested { recipient, .. } if recipient == b
+        )));
     }
 
     #[test]
