@@ -37,6 +37,11 @@
 //! delivered envelope or receipt with the delivery's device address once it is safely handled,
 //! and expect the occasional redelivery of an unacked frame after a reconnect.
 //!
+//! Under sustained load, keep reading while your writes wait: the relay stops reading a client
+//! whose deliveries it cannot write, so a loop that reads and then awaits its own writes (as
+//! above) can stall together with the relay once both directions' buffers are full. Send acks
+//! from another task (a channel to the `Sender`), as `benches/throughput.rs` does.
+//!
 //! Frame and id types come from the [`codec`] crate, re-exported here.
 
 mod connection;
