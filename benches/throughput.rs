@@ -412,8 +412,17 @@ fn relay_run(measure: Duration, users: u32, durability: Durability, enforce: boo
             syncs(),
         );
         stop.store(true, Ordering::Relaxed);
+        // Readers stop reading at once; a writer blocked on a full socket then never finishes
+        // (the relay has stopped reading a client that no longer reads): give the tasks a
+        // moment, then drop them. The figures above are already taken.
         for task in tasks {
-            let _ = task.await;
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         Run {
             envelopes: (a1 - a0) as f64 / elapsed,
