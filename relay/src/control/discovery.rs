@@ -125,15 +125,7 @@ impl ControlPlane {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take(now_ms, cost, &limits);
         if let Err(wait_ms) = taken {
-            let mut error = ApiError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "discovery rate limit reached; retry in {} s",
-                    wait_ms.div_ceil(1000)
-                ),
-            );
-            error.retry_after_s = Some(wait_ms.div_ceil(1000));
-            return Err(error);
+            return Err(ApiError::rate_limited("discovery rate", wait_ms));
         }
         let reader = self.store.reader()?;
         let mut matches = Vec::new();

@@ -316,15 +316,7 @@ impl ControlPlane {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take(now_ms, 1, &limits);
         if let Err(wait_ms) = taken {
-            let mut error = ApiError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "key claim limit reached; retry in {} s",
-                    wait_ms.div_ceil(1000)
-                ),
-            );
-            error.retry_after_s = Some(wait_ms.div_ceil(1000));
-            return Err(error);
+            return Err(ApiError::rate_limited("key claim", wait_ms));
         }
         let user_key = user_key(&user);
         let low = u64::from(self.settings.prekeys_low);

@@ -92,6 +92,17 @@ impl ApiError {
         ApiError::new(ErrorCode::RequestMalformed, message)
     }
 
+    /// `RATE_LIMITED` for `what`, with `Retry-After` from a wait in milliseconds.
+    pub fn rate_limited(what: &str, wait_ms: u64) -> ApiError {
+        let seconds = wait_ms.div_ceil(1000);
+        let mut error = ApiError::new(
+            ErrorCode::RateLimited,
+            format!("{what} limit reached; retry in {seconds} s"),
+        );
+        error.retry_after_s = Some(seconds);
+        error
+    }
+
     pub fn not_found() -> ApiError {
         ApiError::new(ErrorCode::NotFound, "no such resource, or none you may see")
     }
