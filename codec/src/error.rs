@@ -142,6 +142,9 @@ error_codes! {
     StorageUnavailable = 501, "STORAGE_UNAVAILABLE", retryable: true;
     /// The relay is shutting down; reconnect to another node or later.
     ShuttingDown = 502, "SHUTTING_DOWN", retryable: true;
+    /// A control-plane change could not be carried out on the data plane in time (a core
+    /// did not take it, or its log did not store it); the change was not applied.
+    DataPlaneUnavailable = 503, "DATA_PLANE_UNAVAILABLE", retryable: true;
 
     /// A control-API request body or parameter is malformed (bad JSON, a missing field).
     RequestMalformed = 600, "REQUEST_MALFORMED", retryable: false;

@@ -536,6 +536,7 @@ fn error_codes_are_stable_and_unique() {
         ("INTERNAL", 500),
         ("STORAGE_UNAVAILABLE", 501),
         ("SHUTTING_DOWN", 502),
+        ("DATA_PLANE_UNAVAILABLE", 503),
         ("REQUEST_MALFORMED", 600),
         ("OPERATOR_REQUIRED", 601),
         ("FOREIGN_RESOURCE", 602),

@@ -1,7 +1,21 @@
 //! The relay's configured bounds. Every queue, buffer and map of the relay is bounded by one
 //! of these (or by a codec limit); the relations between them are checked at start.
 
+use std::time::Duration;
+
 use serde::Deserialize;
+
+/// How often each core's timer runs: TTL expiry, the log's housekeeping, session deadlines.
+pub const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// Inbox batches a core handles in one turn before it lets its connections run: another
+/// core's flood cannot starve this core's own sockets.
+pub const INBOX_BATCHES_PER_TURN: usize = 16;
+
+/// How long the control plane waits for a core to take a change before it gives up (and the
+/// change is not applied), and then for the change's log record to be stored.
+pub const CONTROL_TAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONTROL_COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bounds the relay enforces, set in the `[limits]` table of the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -32,7 +46,7 @@ pub struct RelayLimits {
     pub connections_per_core_max: u32,
     /// Device tokens remembered for replay detection (until they expire).
     pub token_ids_max: u32,
-    /// Work items one core sends another in one batch.
+    /// Work items one core sends another in one batch; more go in further batches.
     pub cross_core_batch_max: u32,
     /// Batches waiting in one core's inbox; a full inbox pushes back on the sending core.
     pub cross_core_inbox_batches_max: u32,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use codec::{ErrorCode, NetworkId};
 
-use crate::core::shard::ShardStats;
+use crate::core::shard::interface::ShardStats;
 
 #[derive(Debug)]
 pub struct CoreMetrics {

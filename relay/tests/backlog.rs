@@ -12,9 +12,9 @@ use std::time::Instant;
 use codec::*;
 use relay::core::ConnId;
 use relay::core::log::ShardLog;
-use relay::core::queue::MemoryQueue;
-use relay::core::recovery::SegmentStore;
-use relay::core::shard::{Routed, Shard, ShardInput};
+use relay::core::shard::Shard;
+use relay::core::shard::interface::{Routed, ShardInput};
+use relay::core::shard::recovery::SegmentStore;
 use relay::io::store::ShardDir;
 use relay::limits::RelayLimits;
 
@@ -36,8 +36,7 @@ fn a_million_queued_messages_recover_completely() {
     let mut dir = ShardDir::new(&data_dir, 0);
     std::fs::create_dir_all(&dir.dir).unwrap();
     let now_ms = relay::io::now_ms();
-    let mut shard: Shard<MemoryQueue> =
-        Shard::with_log(limits, ShardLog::new(1, limits.log_segment_bytes_max));
+    let mut shard: Shard = Shard::with_log(limits, ShardLog::new(1, limits.log_segment_bytes_max));
     let user = |u: u32| UserAddress::new(NetworkId(2), UserId(u128::from(u)));
     for u in 0..users {
         let devices = vec![DeviceId(1)];
@@ -57,7 +56,7 @@ fn a_million_queued_messages_recover_completely() {
     }
     let sender = DeviceAddress::new(NetworkId(1), UserId(1), DeviceId(1));
     let payload = [0x5A_u8; 256];
-    let write = |shard: &mut Shard<MemoryQueue>, dir: &ShardDir| {
+    let write = |shard: &mut Shard, dir: &ShardDir| {
         if let Some(w) = shard.take_log_write() {
             for (segment, bytes) in &w.chunks {
                 let mut file = std::fs::OpenOptions::new()
@@ -115,7 +114,7 @@ fn a_million_queued_messages_recover_completely() {
         .map(|id| std::fs::metadata(dir.segment(*id)).unwrap().len())
         .sum();
     let started = Instant::now();
-    let (recovered, report): (Shard<MemoryQueue>, _) =
+    let (recovered, report): (Shard, _) =
         Shard::recover(limits, limits.log_segment_bytes_max, &mut dir, now_ms).unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     assert_eq!(report.restored_frames, messages);

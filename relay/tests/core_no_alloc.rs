@@ -16,9 +16,9 @@ use codec::*;
 use relay::core::ConnId;
 use relay::core::auth::{Auth, NetworkEntry};
 use relay::core::policy::{PartnerStatus, Policy, UserPolicy};
-use relay::core::queue::MemoryQueue;
 use relay::core::session::{Session, SessionContext, SessionEvent, write_ack};
-use relay::core::shard::{Shard, ShardOutput};
+use relay::core::shard::Shard;
+use relay::core::shard::interface::ShardOutput;
 use relay::limits::RelayLimits;
 
 struct Counting;
@@ -57,7 +57,7 @@ struct Harness {
     auth: Auth,
     policy: Policy,
     limits: RelayLimits,
-    shard: Shard<MemoryQueue>,
+    shard: Shard,
     gatekeeper: Session,
     partner: Session,
     gatekeeper_out: BytesMut,
@@ -208,6 +208,7 @@ impl Harness {
                 ShardOutput::Load { .. } => panic!("a load without a log"),
                 ShardOutput::Close { code, .. } => panic!("closed with {code}"),
                 ShardOutput::Send { .. } => panic!("a notice nobody asked for"),
+                ShardOutput::Applied { .. } => panic!("no control change was asked"),
             }
         }
     }

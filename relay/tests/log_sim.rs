@@ -11,9 +11,9 @@ use bytes::Bytes;
 use codec::*;
 use relay::core::ConnId;
 use relay::core::log::ShardLog;
-use relay::core::queue::MemoryQueue;
-use relay::core::recovery::{RecoveryReport, SegmentStore};
-use relay::core::shard::{Routed, Shard, ShardInput, ShardOutput};
+use relay::core::shard::Shard;
+use relay::core::shard::interface::{Routed, ShardInput, ShardOutput};
+use relay::core::shard::recovery::{RecoveryReport, SegmentStore};
 use relay::limits::RelayLimits;
 
 /// A disk in memory: segments by id, an optional capacity, quarantined ids.
@@ -68,7 +68,7 @@ fn limits() -> RelayLimits {
 
 struct World {
     limits: RelayLimits,
-    shard: Shard<MemoryQueue>,
+    shard: Shard,
     disk: MemDisk,
     now_ms: u64,
     acks: Vec<(MessageId, Result<(), ErrorCode>)>,
@@ -164,7 +164,9 @@ impl World {
                         );
                         self.shard.on_loaded(device, seq, Some(frame));
                     }
-                    ShardOutput::Close { .. } | ShardOutput::Send { .. } => {}
+                    ShardOutput::Close { .. }
+                    | ShardOutput::Send { .. }
+                    | ShardOutput::Applied { .. } => {}
                 }
             }
             if !progressed {
@@ -224,7 +226,7 @@ impl World {
         });
     }
 
-    fn recover(&self, disk: &mut MemDisk) -> (Shard<MemoryQueue>, RecoveryReport) {
+    fn recover(&self, disk: &mut MemDisk) -> (Shard, RecoveryReport) {
         Shard::recover(self.limits, SEGMENT_BYTES, disk, self.now_ms).unwrap()
     }
 
@@ -240,7 +242,7 @@ impl World {
 /// (user, device, its queue as (seq, id, frame)).
 type Snapshot = Vec<(u32, u32, Vec<(u64, MessageId, Bytes)>)>;
 
-fn snapshot(shard: &Shard<MemoryQueue>, users: u32, devices: u32) -> Snapshot {
+fn snapshot(shard: &Shard, users: u32, devices: u32) -> Snapshot {
     let mut out = Vec::new();
     for u in 0..users {
         for d in 1..=devices {
@@ -323,7 +325,7 @@ fn recovery_rebuilds_every_queue_exactly() {
             if rng.below(3) == 0 {
                 w.commit();
             }
-            if let Err(e) = w.shard.audit_log() {
+            if let Err(e) = w.shard.audit() {
                 panic!("seed {seed}, step {step}: {e}");
             }
         }
@@ -623,8 +625,7 @@ fn a_large_offline_backlog_is_spilled_and_read_back_in_order() {
     };
     // After a restart with the same budget, and in the running shard: both deliver all.
     let mut disk = w.disk.clone();
-    let (recovered, _) =
-        Shard::<MemoryQueue>::recover(limits, SEGMENT_BYTES, &mut disk, w.now_ms).unwrap();
+    let (recovered, _) = Shard::recover(limits, SEGMENT_BYTES, &mut disk, w.now_ms).unwrap();
     assert!(
         recovered.stats().ram_bytes <= budget,
         "{} bytes in memory after recovery",

@@ -14,9 +14,9 @@ use bytes::BytesMut;
 use codec::*;
 use relay::core::ConnId;
 use relay::core::auth::{Auth, NetworkEntry};
-use relay::core::queue::MemoryQueue;
 use relay::core::session::{Session, SessionContext, SessionEvent, error, write_ack};
-use relay::core::shard::{Shard, ShardOutput};
+use relay::core::shard::Shard;
+use relay::core::shard::interface::ShardOutput;
 use relay::limits::RelayLimits;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -52,7 +52,7 @@ struct World {
     /// The interop rules are the control plane's subject (tests/control_*.rs); here off.
     policy: relay::core::policy::Policy,
     key: Ed25519KeyPair,
-    shards: Vec<Shard<MemoryQueue>>,
+    shards: Vec<Shard>,
     conns: HashMap<ConnId, Conn>,
     next_slot: u32,
     next_token: u128,
@@ -211,6 +211,7 @@ impl World {
                     | ShardOutput::Close { conn, .. } => *conn,
                     ShardOutput::Load { .. } => return Err("a load without a log".into()),
                     ShardOutput::Send { .. } => return Err("a notice nobody asked for".into()),
+                    ShardOutput::Applied { .. } => return Err("no control change was asked".into()),
                 };
                 let Some(c) = self.conns.get_mut(&target).filter(|c| c.open) else {
                     continue;
@@ -241,7 +242,9 @@ impl World {
                         c.session.on_relay_ack();
                         write_ack(&mut c.out, id, address, result);
                     }
-                    ShardOutput::Load { .. } | ShardOutput::Send { .. } => {
+                    ShardOutput::Load { .. }
+                    | ShardOutput::Send { .. }
+                    | ShardOutput::Applied { .. } => {
                         return Err("unexpected shard output".into());
                     }
                     ShardOutput::Close { code, .. } => {

@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use codec::*;
-use relay::core::queue::MemoryQueue;
-use relay::core::shard::{Routed, Shard, ShardInput, ShardOutput};
+use relay::core::shard::Shard;
+use relay::core::shard::interface::{Routed, ShardInput, ShardOutput};
 use relay::core::{ConnId, shard_of};
 use relay::limits::RelayLimits;
 
@@ -72,7 +72,7 @@ fn message_of(frame: &Bytes) -> (MessageId, DeviceAddress) {
 struct World {
     now_ms: u64,
     limits: RelayLimits,
-    shards: Vec<Shard<MemoryQueue>>,
+    shards: Vec<Shard>,
     users: Vec<(UserAddress, Vec<DeviceId>)>,
     /// Device → its live direct connection.
     online: HashMap<DeviceAddress, ConnId>,
@@ -172,6 +172,7 @@ impl World {
                     },
                     ShardOutput::Load { .. } => return Err("a load without a log".into()),
                     ShardOutput::Send { .. } => return Err("a notice nobody asked for".into()),
+                    ShardOutput::Applied { .. } => return Err("no control change was asked".into()),
                     ShardOutput::Close { code, .. } => {
                         return Err(format!("a connection was closed with {code}"));
                     }

@@ -166,7 +166,7 @@ fn an_offline_backlog_beyond_memory_is_delivered_in_order() {
 }
 
 /// A shard counter, as `/metrics` publishes it.
-fn relay_stat(relay: &Relay, field: fn(&relay::core::shard::ShardStats) -> u64) -> u64 {
+fn relay_stat(relay: &Relay, field: fn(&relay::core::shard::interface::ShardStats) -> u64) -> u64 {
     relay
         .shared
         .metrics

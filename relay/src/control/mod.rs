@@ -77,7 +77,7 @@ impl ApiError {
             }
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::RateLimited => 429,
-            ErrorCode::StorageUnavailable => 503,
+            ErrorCode::StorageUnavailable | ErrorCode::DataPlaneUnavailable => 503,
             _ => 500,
         };
         ApiError {
@@ -219,16 +219,18 @@ impl InteropSettings {
 }
 
 /// What the control plane asks of the data plane. The IO shell sends each to the shard that
-/// owns the user; tests use a recording fake.
+/// owns the user and answers once the change holds there (for a device set or a purge, once
+/// its log record is stored); tests use a recording fake. An `Err` means the change was not
+/// applied: the control plane then changes nothing of its own either and answers 503.
 pub trait DataPlane: Send + Sync + std::fmt::Debug {
     /// Replaces the user's device set (as a server's `DeviceList` would).
-    fn set_devices(&self, user: UserAddress, devices: Vec<DeviceId>);
+    fn set_devices(&self, user: UserAddress, devices: Vec<DeviceId>) -> ApiResult<()>;
     /// Deletes every queued frame for the user that came from another network.
-    fn purge_interop(&self, user: UserAddress);
+    fn purge_interop(&self, user: UserAddress) -> ApiResult<()>;
     /// Writes `notice` to the user's connected devices and its network's server sessions.
-    fn notice_user(&self, user: UserAddress, notice: Notice);
+    fn notice_user(&self, user: UserAddress, notice: Notice) -> ApiResult<()>;
     /// Writes `notice` to the network's server sessions; `close` ends them after it.
-    fn notice_network(&self, network: NetworkId, notice: Notice, close: bool);
+    fn notice_network(&self, network: NetworkId, notice: Notice, close: bool) -> ApiResult<()>;
 }
 
 /// A data plane that does nothing: for a control plane run without one (offline tools).
@@ -236,10 +238,18 @@ pub trait DataPlane: Send + Sync + std::fmt::Debug {
 pub struct NoDataPlane;
 
 impl DataPlane for NoDataPlane {
-    fn set_devices(&self, _: UserAddress, _: Vec<DeviceId>) {}
-    fn purge_interop(&self, _: UserAddress) {}
-    fn notice_user(&self, _: UserAddress, _: Notice) {}
-    fn notice_network(&self, _: NetworkId, _: Notice, _: bool) {}
+    fn set_devices(&self, _: UserAddress, _: Vec<DeviceId>) -> ApiResult<()> {
+        Ok(())
+    }
+    fn purge_interop(&self, _: UserAddress) -> ApiResult<()> {
+        Ok(())
+    }
+    fn notice_user(&self, _: UserAddress, _: Notice) -> ApiResult<()> {
+        Ok(())
+    }
+    fn notice_network(&self, _: NetworkId, _: Notice, _: bool) -> ApiResult<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

@@ -508,8 +508,18 @@ impl ControlPlane {
             },
             text: truncate(&text, codec::limits::NOTICE_TEXT_BYTES_MAX),
         };
-        self.data_plane
-            .notice_network(NetworkId(id), notice, suspended);
+        // The status holds already (registry, policy, handshake table): nothing crosses for
+        // a suspended network whether or not its sessions could be told and closed now.
+        if let Err(e) = self
+            .data_plane
+            .notice_network(NetworkId(id), notice, suspended)
+        {
+            tracing::error!(
+                network = id,
+                "partner status notice not delivered to every core: {}",
+                e.message
+            );
+        }
         tracing::warn!(
             network = id,
             "partner status {:?} -> {:?} ({:?}): {}",

@@ -248,7 +248,7 @@ impl ControlPlane {
         let mut purged = 0;
         for (_, record) in self.store.scan::<UserRecord>(USERS, "")? {
             if !record.enlisted && record.opted_out_at_ms.is_some() {
-                self.data_plane.purge_interop(record.address());
+                self.data_plane.purge_interop(record.address())?;
                 purged += 1;
             }
         }
@@ -417,6 +417,10 @@ impl ControlPlane {
                 .evaluate(now_ms, record.last_in_eea_ms);
             record.in_region = standing.in_region;
             tx.put(USERS, &key, &record)?;
+            // The data plane first: if it cannot take the device set, nothing commits.
+            if let Some(devices) = &devices {
+                self.data_plane.set_devices(user, devices.clone())?;
+            }
             Ok::<_, ApiError>((record, created))
         })?;
         let standing = self
@@ -426,9 +430,6 @@ impl ControlPlane {
         self.policy.set_user(user, record.policy(standing.until_ms));
         for accepted in &record.accepted {
             self.policy.accept(user, accepted.party());
-        }
-        if let Some(devices) = devices {
-            self.data_plane.set_devices(user, devices);
         }
         tracing::info!(%user, "enlisted ({:?})", record.model());
         Ok((record, created))
@@ -501,11 +502,20 @@ impl ControlPlane {
                     json!({"user": UserRef::of(user)}),
                 )?;
             }
+            // Delisted on the data plane first, so nothing new arrives, then purged; if the
+            // purge cannot be carried out, the user stays as it was and nothing commits.
+            let before = self.policy.user(&user);
+            self.policy.update_user(&user, |p| p.enlisted = false);
+            if let Err(e) = self.data_plane.purge_interop(user) {
+                if let Some(before) = before {
+                    self.policy.set_user(user, before);
+                }
+                return Err(e);
+            }
             Ok::<_, ApiError>(record)
         })?;
         self.policy.remove_user(&user);
         self.policy.set_user(user, record.policy(None));
-        self.data_plane.purge_interop(user);
         tracing::info!(%user, "opted out: delisted, queued interop messages deleted");
         Ok(record)
     }
@@ -626,9 +636,10 @@ impl ControlPlane {
             }
             record.devices = devices.clone();
             tx.put(USERS, &key, &record)?;
+            // The data plane first: if it cannot take the device set, nothing commits.
+            self.data_plane.set_devices(user, ids)?;
             Ok::<_, ApiError>(record)
         })?;
-        self.data_plane.set_devices(user, ids);
         Ok(record)
     }
 
@@ -742,13 +753,19 @@ impl ControlPlane {
             code,
             text,
         };
-        if standing.in_region {
+        // The standing is stored and enforced whether or not the notice reaches the
+        // user's sessions now: a rule is not held back by a slow core.
+        let told = if standing.in_region {
             self.policy.update_user(&user, |p| p.in_region = true);
-            self.data_plane.notice_user(user, notice);
+            self.data_plane.notice_user(user, notice)
         } else {
             // The notice is queued for the user's sessions before the policy changes.
-            self.data_plane.notice_user(user, notice);
+            let told = self.data_plane.notice_user(user, notice);
             self.policy.update_user(&user, |p| p.in_region = false);
+            told
+        };
+        if let Err(e) = told {
+            tracing::warn!(%user, "location notice not delivered: {}", e.message);
         }
         tracing::info!(%user, in_region = standing.in_region, "location standing changed");
         Ok(true)

@@ -8,7 +8,6 @@ pub mod dedup;
 pub mod log;
 pub mod policy;
 pub mod queue;
-pub mod recovery;
 pub mod session;
 pub mod shard;
 pub mod wal;

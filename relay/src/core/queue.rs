@@ -1,5 +1,6 @@
-//! Per-device queues. The shard talks to them through [`DeviceQueue`]: memory today; the
-//! durable per-shard log slots in behind the same trait.
+//! One device's queue: the frames waiting for it in order, and how many of them are written
+//! to its connection and not yet acknowledged (the delivery cursor). It knows nothing of the
+//! log: where a frame's record lives is data it carries for the shard's durable bookkeeping.
 
 use std::collections::VecDeque;
 
@@ -15,9 +16,9 @@ pub struct Queued {
     pub id: MessageId,
     pub sender: DeviceAddress,
     pub expires_at_ms: u64,
-    /// The log segment holding its enqueue record (0 without a log).
+    /// Where its enqueue record is: the log segment and the frame's offset there (both 0
+    /// without a log).
     pub segment: u64,
-    /// Where the frame's bytes start in that segment (0 without a log).
     pub offset: u64,
     /// The log position after its record: the frame may leave memory once the log is
     /// committed past it (0 without a log, or when read back from the log).
@@ -31,123 +32,140 @@ pub struct Queued {
     pub loading: bool,
 }
 
-/// The operations the shard needs of a device's queue, in queue order.
-pub trait DeviceQueue: Default {
-    fn push(&mut self, item: Queued);
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
+impl Queued {
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.len)
     }
-    /// Bytes of all queued frames.
-    fn bytes(&self) -> u64;
-    fn get(&self, index: usize) -> Option<&Queued>;
-    fn get_mut(&mut self, index: usize) -> Option<&mut Queued>;
-    /// The frame with `seq`, to fill in what was read back from the log.
-    fn find_seq_mut(&mut self, seq: u64) -> Option<&mut Queued>;
-    /// Removes the frame with `id`, returning its index and the frame.
-    fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)>;
-    /// Removes the frame with `seq`, returning its index and the frame.
-    fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)>;
-    /// Drops everything (the device was removed), showing each frame to `on_drop` first;
-    /// returns how many frames were dropped.
-    fn clear(&mut self, on_drop: &mut dyn FnMut(&Queued)) -> usize;
-    /// Visits every frame in queue order (to move its log record).
-    fn for_each_mut(&mut self, visit: &mut dyn FnMut(&mut Queued));
-    /// Inserts a frame at its place by `seq` (recovery replays rewritten records out of
-    /// order); a `seq` already present is ignored. Returns whether it was inserted.
-    fn insert_sorted(&mut self, item: Queued) -> bool;
-    /// Whether the frame with `seq` is still queued.
-    fn contains_seq(&self, seq: u64) -> bool;
+
+    pub fn in_ram(&self) -> bool {
+        self.frame.is_some()
+    }
 }
 
-/// A device queue in memory.
+/// A device's frames in queue order, with the delivery cursor: the first `cursor` frames
+/// are written on the current binding and wait for the device's `Ack`.
 #[derive(Debug, Default)]
-pub struct MemoryQueue {
+pub struct DeviceQueue {
     items: VecDeque<Queued>,
     bytes: u64,
+    cursor: usize,
 }
 
-impl MemoryQueue {
-    fn take(&mut self, index: usize) -> Option<(usize, Queued)> {
-        let item = self.items.remove(index)?;
-        self.bytes -= u64::from(item.len);
-        Some((index, item))
-    }
-}
-
-impl DeviceQueue for MemoryQueue {
-    fn push(&mut self, item: Queued) {
-        debug_assert!(self.items.back().is_none_or(|last| last.seq < item.seq));
-        self.bytes += u64::from(item.len);
+impl DeviceQueue {
+    pub fn push(&mut self, item: Queued) {
+        assert!(
+            self.items.back().is_none_or(|last| last.seq < item.seq),
+            "queue order"
+        );
+        self.bytes += item.bytes();
         self.items.push_back(item);
     }
 
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.items.len()
     }
 
-    fn bytes(&self) -> u64 {
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes of all queued frames.
+    pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    fn get(&self, index: usize) -> Option<&Queued> {
+    pub fn get(&self, index: usize) -> Option<&Queued> {
         self.items.get(index)
     }
 
-    fn get_mut(&mut self, index: usize) -> Option<&mut Queued> {
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut Queued> {
         self.items.get_mut(index)
     }
 
-    fn find_seq_mut(&mut self, seq: u64) -> Option<&mut Queued> {
-        let index = self.items.binary_search_by_key(&seq, |q| q.seq).ok()?;
+    pub fn iter(&self) -> impl Iterator<Item = &Queued> {
+        self.items.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Queued> {
+        self.items.iter_mut()
+    }
+
+    fn index_of_seq(&self, seq: u64) -> Option<usize> {
+        self.items.binary_search_by_key(&seq, |q| q.seq).ok()
+    }
+
+    /// The frame with `seq`, to fill in what was read back from the log.
+    pub fn find_seq_mut(&mut self, seq: u64) -> Option<&mut Queued> {
+        let index = self.index_of_seq(seq)?;
         self.items.get_mut(index)
     }
 
-    fn remove_id(&mut self, id: MessageId) -> Option<(usize, Queued)> {
+    pub fn contains_seq(&self, seq: u64) -> bool {
+        self.index_of_seq(seq).is_some()
+    }
+
+    /// Removes the frame with `id` (the device acknowledged it).
+    pub fn remove_id(&mut self, id: MessageId) -> Option<Queued> {
         // Acks come in delivery order, so the match is almost always at the front.
         let index = self.items.iter().position(|q| q.id == id)?;
         self.take(index)
     }
 
-    fn remove_seq(&mut self, seq: u64) -> Option<(usize, Queued)> {
-        let index = self.items.binary_search_by_key(&seq, |q| q.seq).ok()?;
+    /// Removes the frame with `seq` (it expired, or a replayed release names it).
+    pub fn remove_seq(&mut self, seq: u64) -> Option<Queued> {
+        let index = self.index_of_seq(seq)?;
         self.take(index)
     }
 
-    fn contains_seq(&self, seq: u64) -> bool {
-        self.items.binary_search_by_key(&seq, |q| q.seq).is_ok()
+    fn take(&mut self, index: usize) -> Option<Queued> {
+        let item = self.items.remove(index)?;
+        self.bytes -= item.bytes();
+        // A frame already written leaves the window; the cursor still points at the next
+        // frame to write.
+        if index < self.cursor {
+            self.cursor -= 1;
+        }
+        Some(item)
     }
 
-    fn clear(&mut self, on_drop: &mut dyn FnMut(&Queued)) -> usize {
-        let dropped = self.items.len();
-        for item in &self.items {
-            on_drop(item);
-        }
-        self.items.clear();
+    /// Takes every frame out (the device was removed), in order.
+    pub fn drain(&mut self) -> impl Iterator<Item = Queued> + '_ {
         self.bytes = 0;
-        dropped
+        self.cursor = 0;
+        self.items.drain(..)
     }
 
-    fn for_each_mut(&mut self, visit: &mut dyn FnMut(&mut Queued)) {
-        for item in &mut self.items {
-            visit(item);
-        }
-    }
-
-    fn insert_sorted(&mut self, item: Queued) -> bool {
+    /// Inserts a frame at its place by `seq` (recovery replays rewritten records out of
+    /// order); a `seq` already present is left as it is. Returns whether it was inserted.
+    pub fn insert_sorted(&mut self, item: Queued) -> bool {
         // Replay appends in order except for rewritten records: take the common case first.
         if self.items.back().is_none_or(|last| last.seq < item.seq) {
-            self.bytes += u64::from(item.len);
-            self.items.push_back(item);
+            self.push(item);
             return true;
         }
         match self.items.binary_search_by_key(&item.seq, |q| q.seq) {
             Ok(_) => false,
             Err(index) => {
-                self.bytes += u64::from(item.len);
+                self.bytes += item.bytes();
                 self.items.insert(index, item);
                 true
             }
         }
+    }
+
+    /// Frames written on the current binding and not acknowledged yet.
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    /// The binding changed: everything unacknowledged is written again from the front.
+    pub fn rewind(&mut self) {
+        self.cursor = 0;
+    }
+
+    /// The frame at the cursor was written.
+    pub fn advance(&mut self) {
+        assert!(self.cursor < self.items.len(), "cursor past the queue");
+        self.cursor += 1;
     }
 }

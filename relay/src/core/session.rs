@@ -11,7 +11,7 @@ use codec::{
 
 use super::auth::{Auth, Refused};
 use super::policy::{PartnerStatus, Policy};
-use super::shard::{Refusal, Routed, ShardInput};
+use super::shard::interface::{Refusal, Routed, ShardInput};
 use super::{ConnId, DeviceSet, Principal, shard_of};
 use crate::limits::RelayLimits;
 

@@ -20,10 +20,10 @@ use rustls::ServerConnection;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::core::Core;
 use super::now_ms;
+use super::worker::{Connection, Worker};
 use crate::core::session::{Session, SessionContext, SessionEvent, error, write_ack};
-use crate::core::shard::ShardOutput;
+use crate::core::shard::interface::ShardOutput;
 use crate::core::{ConnId, Principal};
 
 /// Bytes read from the socket per read: one TLS record's worth, so an idle connection holds
@@ -78,20 +78,40 @@ pub struct Conn {
 }
 
 impl Conn {
+    fn wake_writer(&self) {
+        self.writer_wake.notify_one();
+    }
+}
+
+impl Connection for Conn {
+    fn id(&self) -> ConnId {
+        self.id
+    }
+
     /// Marks the connection for closing: the writer flushes what is pending, sends
     /// close_notify and shuts the socket, which ends the reader's pending read.
-    pub fn begin_close(&self) {
+    fn begin_close(&self) {
         self.closing.set(true);
         self.writer_wake.notify_one();
     }
 
-    fn wake_writer(&self) {
-        self.writer_wake.notify_one();
+    fn shut_down(&self) {
+        let mut events = Vec::new();
+        error(
+            &mut self.out.borrow_mut().scratch,
+            &mut events,
+            ErrorCode::ShuttingDown,
+            None,
+            true,
+            "the relay is shutting down",
+        );
+        self.begin_close();
+        let _ = self.stream.shutdown(Shutdown::Read);
     }
 
     /// A shard's output for this connection.
-    pub fn apply(&self, core: &Core, output: ShardOutput) {
-        let metrics = core.metrics();
+    fn apply(&self, worker: &Worker, output: ShardOutput) {
+        let metrics = worker.metrics();
         let mut out = self.out.borrow_mut();
         match output {
             ShardOutput::Deliver {
@@ -130,8 +150,8 @@ impl Conn {
                 write_ack(&mut out.scratch, id, address, result);
                 metrics.acks_out.fetch_add(1, Ordering::Relaxed);
             }
-            // Never addressed to a connection: the core's loader takes these.
-            ShardOutput::Load { .. } => {}
+            // Never addressed to a connection: the worker takes these.
+            ShardOutput::Load { .. } | ShardOutput::Applied { .. } => {}
             ShardOutput::Send { frame, .. } => out.push(frame),
             ShardOutput::Close { code, .. } => {
                 metrics.error(code);
@@ -153,7 +173,7 @@ impl Conn {
         // twice the pending bound it is closed. Nothing is lost: unacknowledged deliveries
         // stay queued and go out again when it reconnects.
         if out.bytes + out.scratch.len()
-            > 2 * core.shared.limits.connection_pending_bytes_max as usize
+            > 2 * worker.shared.limits.connection_pending_bytes_max as usize
         {
             metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
             drop(out);
@@ -164,7 +184,9 @@ impl Conn {
         drop(out);
         self.wake_writer();
     }
+}
 
+impl Conn {
     /// Feeds bytes from the socket to rustls and moves the plaintext into the decoder.
     /// `Ok(true)` when the peer closed the TLS session.
     fn take_plaintext(
@@ -208,19 +230,19 @@ impl Conn {
     /// Runs every complete frame through the session.
     fn handle_frames(
         &self,
-        core: &Core,
+        worker: &Worker,
         decoder: &mut FrameDecoder,
         events: &mut Vec<SessionEvent>,
     ) {
-        let metrics = core.metrics();
+        let metrics = worker.metrics();
         let peer = self.peer_cert.borrow();
         let cx = SessionContext {
             now_ms: now_ms(),
-            auth: &core.shared.auth,
-            policy: &core.shared.policy,
+            auth: &worker.shared.auth,
+            policy: &worker.shared.policy,
             peer_cert: peer.as_deref(),
-            limits: &core.shared.limits,
-            shards: core.shared.cores,
+            limits: &worker.shared.limits,
+            shards: worker.shared.cores,
         };
         let mut session = self.session.borrow_mut();
         let mut out = self.out.borrow_mut();
@@ -256,7 +278,7 @@ impl Conn {
             && let Some(principal) = session.principal()
         {
             self.counted.set(Some(principal));
-            count_connection(core, principal, 1);
+            count_connection(worker, principal, 1);
         }
     }
 }
@@ -270,25 +292,25 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-fn count_connection(core: &Core, principal: Principal, delta: i64) {
+fn count_connection(worker: &Worker, principal: Principal, delta: i64) {
     let (kind, network) = match principal {
         Principal::Server { network } => ("server", network),
         Principal::Device { device } => ("device", device.network),
     };
-    core.shared.connections.add(kind, network, delta);
+    worker.shared.connections.add(kind, network, delta);
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(core: Rc<Core>, stream: TcpStream) {
-    let Some((id, session_id)) = core.reserve_slot() else {
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
+    let Some((id, session_id)) = worker.reserve_slot() else {
         tracing::warn!(
-            core = core.index,
+            core = worker.index,
             "connection refused: connections_per_core_max reached"
         );
         return;
     };
     let _ = stream.set_nodelay(true);
-    let mut tls = match ServerConnection::new(core.shared.tls.clone()) {
+    let mut tls = match ServerConnection::new(worker.shared.tls.clone()) {
         Ok(tls) => tls,
         Err(e) => {
             tracing::error!("TLS session setup failed: {e}");
@@ -310,28 +332,28 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
         closing: Cell::new(false),
         counted: Cell::new(None),
     });
-    core.insert(conn.clone());
-    let writer = tokio_uring::spawn(write_loop(core.clone(), conn.clone()));
-    read_loop(&core, &conn).await;
+    worker.insert(conn.clone() as Rc<dyn Connection>);
+    let writer = tokio_uring::spawn(write_loop(worker.clone(), conn.clone()));
+    read_loop(&worker, &conn).await;
     let mut events = Vec::new();
     conn.session
         .borrow_mut()
-        .on_close(core.shared.cores, &mut events);
-    core.dispatch(&mut events, &conn);
-    core.flush().await;
+        .on_close(worker.shared.cores, &mut events);
+    worker.dispatch(&mut events, &*conn);
+    worker.flush().await;
     conn.begin_close();
     let _ = writer.await;
     if let Some(principal) = conn.counted.get() {
-        count_connection(&core, principal, -1);
+        count_connection(&worker, principal, -1);
     }
-    core.remove(id);
+    worker.remove(id);
 }
 
-async fn read_loop(core: &Core, conn: &Conn) {
+async fn read_loop(worker: &Worker, conn: &Conn) {
     let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN];
     let mut decoder = FrameDecoder::with_capacity(0);
     let mut events = Vec::new();
-    let pending_max = core.shared.limits.connection_pending_bytes_max as usize;
+    let pending_max = worker.shared.limits.connection_pending_bytes_max as usize;
     while !conn.closing.get() {
         let (result, returned) = conn.stream.read(buf).await;
         buf = returned;
@@ -340,7 +362,8 @@ async fn read_loop(core: &Core, conn: &Conn) {
             Ok(read) => read,
         };
         let started = Instant::now();
-        core.metrics()
+        worker
+            .metrics()
             .bytes_in
             .fetch_add(read as u64, Ordering::Relaxed);
         let peer_closed = match conn.take_plaintext(&buf[..read], &mut decoder) {
@@ -351,11 +374,11 @@ async fn read_loop(core: &Core, conn: &Conn) {
                 return;
             }
         };
-        conn.handle_frames(core, &mut decoder, &mut events);
-        core.dispatch(&mut events, conn);
-        core.flush().await;
+        conn.handle_frames(worker, &mut decoder, &mut events);
+        worker.dispatch(&mut events, conn);
+        worker.flush().await;
         conn.wake_writer();
-        core.record_turn(started);
+        worker.end_turn(started);
         if peer_closed {
             return;
         }
@@ -369,7 +392,7 @@ async fn read_loop(core: &Core, conn: &Conn) {
     }
 }
 
-async fn write_loop(core: Rc<Core>, conn: Rc<Conn>) {
+async fn write_loop(worker: Rc<Worker>, conn: Rc<Conn>) {
     // Grows with the first write; an idle connection keeps what its last turn needed.
     let mut spare: Vec<u8> = Vec::new();
     let mut close_notify_sent = false;
@@ -420,7 +443,8 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>) {
             if result.is_err() {
                 break;
             }
-            core.metrics()
+            worker
+                .metrics()
                 .bytes_out
                 .fetch_add(written, Ordering::Relaxed);
             continue;
@@ -434,21 +458,4 @@ async fn write_loop(core: Rc<Core>, conn: Rc<Conn>) {
     conn.closing.set(true);
     conn.drained.notify_waiters();
     let _ = conn.stream.shutdown(Shutdown::Both);
-}
-
-/// Tells every connection of the core the relay is stopping, and closes it.
-pub fn shut_down_all(core: &Core) {
-    for conn in core.conns.borrow().all() {
-        let mut events = Vec::new();
-        error(
-            &mut conn.out.borrow_mut().scratch,
-            &mut events,
-            ErrorCode::ShuttingDown,
-            None,
-            true,
-            "the relay is shutting down",
-        );
-        conn.begin_close();
-        let _ = conn.stream.shutdown(Shutdown::Read);
-    }
 }

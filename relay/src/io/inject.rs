@@ -1,34 +1,42 @@
-//! The control plane's way into the data plane: each request becomes a shard input sent
-//! to the core that owns the user, through the same bounded inboxes the cores use.
+//! The control plane's way into the data plane: each change becomes a control input for the
+//! shard that owns the user, sent through the same bounded inboxes the cores use, and the
+//! caller waits for the shard's answer ([`ShardOutput::Applied`], sent once the change holds
+//! and, for a logged change, once its record is stored).
+//!
+//! A change either holds or was never applied: if no core takes it before
+//! `CONTROL_TAKE_TIMEOUT`, the control plane abandons it, and a core that gets to it later
+//! finds it abandoned and skips it ([`ControlReply`]).
+//!
+//! [`ShardOutput::Applied`]: crate::core::shard::interface::ShardOutput::Applied
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use bytes::BytesMut;
-use codec::{DeviceId, NetworkId, Notice, UserAddress};
+use codec::{DeviceId, ErrorCode, NetworkId, Notice, UserAddress};
+use crossbeam_channel::RecvTimeoutError;
 
 use super::Shared;
-use super::core::CoreMsg;
-use crate::control::DataPlane;
-use crate::core::shard::ShardInput;
-use crate::core::{ConnId, shard_of};
-
-/// A connection id no core has: where the acks of the control plane's own device lists go
-/// (the control plane has already answered its caller).
-const NOBODY: ConnId = ConnId {
-    core: u16::MAX,
-    slot: u32::MAX,
-    generation: u32::MAX,
-};
-
-/// How long the control plane waits for a full inbox before giving up on one request.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+use super::worker::{ControlReply, WorkerMsg};
+use crate::control::{ApiError, ApiResult, DataPlane};
+use crate::core::shard::interface::{ControlChange, Ticket};
+use crate::core::shard_of;
+use crate::limits::{CONTROL_COMMIT_TIMEOUT, CONTROL_TAKE_TIMEOUT};
 
 #[derive(Debug, Default)]
 pub struct ShardInjector {
     /// Set once the cores run; until then there is no session to reach and no queue to
     /// change (recovery rebuilds queues from the log).
     shared: OnceLock<Arc<Shared>>,
+    next_ticket: AtomicU64,
+}
+
+fn unavailable(shard: u16, why: &str) -> ApiError {
+    tracing::warn!(shard, "control plane: {why}");
+    ApiError::new(
+        ErrorCode::DataPlaneUnavailable,
+        format!("the data plane (core {shard}) {why}; nothing was changed, retry later"),
+    )
 }
 
 impl ShardInjector {
@@ -36,32 +44,58 @@ impl ShardInjector {
         let _ = self.shared.set(shared);
     }
 
-    /// Hands `input` to the shard's core and waits until the core has handled it, so that
-    /// what the control plane answers its caller is already true on the data plane.
-    fn send(&self, shard: u16, input: ShardInput) {
+    /// Hands `change` to the shard's core and waits until it holds there, so that what the
+    /// control plane answers its caller is already true on the data plane.
+    fn send(&self, shard: u16, change: ControlChange) -> ApiResult<()> {
         let Some(shared) = self.shared.get() else {
-            return;
+            return Ok(());
         };
         let index = usize::from(shard);
         let Some(sender) = shared.senders.get(index) else {
-            return;
+            return Err(unavailable(shard, "does not exist"));
         };
-        let (done, handled) = crossbeam_channel::bounded(1);
-        let batch = vec![CoreMsg::Shard(input), CoreMsg::Barrier(done)];
-        if sender.send_timeout(batch, SEND_TIMEOUT).is_err() {
-            tracing::warn!(
-                shard,
-                "control plane: a core's inbox stayed full; request dropped"
-            );
-            return;
+        let ticket = Ticket(self.next_ticket.fetch_add(1, Ordering::Relaxed));
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        let reply = Arc::new(ControlReply::new(answer));
+        let batch = vec![WorkerMsg::Control {
+            ticket,
+            change,
+            reply: reply.clone(),
+        }];
+        if sender.send_timeout(batch, CONTROL_TAKE_TIMEOUT).is_err() {
+            return Err(unavailable(shard, "kept its inbox full"));
         }
         shared.notifies[index].notify_one();
-        if handled.recv_timeout(SEND_TIMEOUT).is_err() {
-            tracing::warn!(
-                shard,
-                "control plane: a core did not confirm a change in time"
+        let result = match answered.recv_timeout(CONTROL_TAKE_TIMEOUT) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) if reply.abandon() => {
+                return Err(unavailable(shard, "did not take the change in time"));
+            }
+            // Taken: the change holds in memory; wait for its record to be stored.
+            Err(RecvTimeoutError::Timeout) => match answered.recv_timeout(CONTROL_COMMIT_TIMEOUT) {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(unavailable(
+                        shard,
+                        "took the change but did not confirm it stored",
+                    ));
+                }
+            },
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(unavailable(shard, "stopped"));
+            }
+        };
+        result.map_err(|refusal| {
+            let message = format!(
+                "the data plane (core {shard}) refused the change: {}",
+                refusal.code.name()
             );
-        }
+            match refusal.code {
+                ErrorCode::StorageUnavailable => ApiError::new(refusal.code, message),
+                ErrorCode::DeviceLimit => ApiError::new(refusal.code, message),
+                _ => ApiError::new(ErrorCode::DataPlaneUnavailable, message),
+            }
+        })
     }
 
     fn shard_of(&self, user: &UserAddress) -> u16 {
@@ -71,61 +105,54 @@ impl ShardInjector {
     }
 }
 
-fn encode_notice(notice: &Notice) -> Option<bytes::Bytes> {
+fn encode_notice(notice: &Notice) -> ApiResult<bytes::Bytes> {
     let mut out = BytesMut::new();
-    codec::encode(&mut out, notice, &[]).ok()?;
-    Some(out.freeze())
+    codec::encode(&mut out, notice, &[])
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("encoding a notice: {e}")))?;
+    Ok(out.freeze())
 }
 
 impl DataPlane for ShardInjector {
-    fn set_devices(&self, user: UserAddress, devices: Vec<DeviceId>) {
-        let request_id = codec::MessageId(crate::io::now_ms().into());
-        self.send(
-            self.shard_of(&user),
-            ShardInput::DeviceList {
-                request_id,
-                user,
-                devices,
-                reply_to: NOBODY,
-            },
-        );
+    fn set_devices(&self, user: UserAddress, devices: Vec<DeviceId>) -> ApiResult<()> {
+        let shard = self.shard_of(&user);
+        self.send(shard, ControlChange::SetDevices { user, devices })
     }
 
-    fn purge_interop(&self, user: UserAddress) {
-        self.send(self.shard_of(&user), ShardInput::PurgeInterop { user });
+    fn purge_interop(&self, user: UserAddress) -> ApiResult<()> {
+        let shard = self.shard_of(&user);
+        self.send(shard, ControlChange::PurgeInterop { user })
     }
 
-    fn notice_user(&self, user: UserAddress, notice: Notice) {
-        if let Some(frame) = encode_notice(&notice) {
-            self.send(self.shard_of(&user), ShardInput::NoticeUser { user, frame });
-        }
+    fn notice_user(&self, user: UserAddress, notice: Notice) -> ApiResult<()> {
+        let frame = encode_notice(&notice)?;
+        let shard = self.shard_of(&user);
+        self.send(shard, ControlChange::NoticeUser { user, frame })
     }
 
-    fn notice_network(&self, network: NetworkId, notice: Notice, close: bool) {
-        let Some(frame) = encode_notice(&notice) else {
-            return;
-        };
+    fn notice_network(&self, network: NetworkId, notice: Notice, close: bool) -> ApiResult<()> {
+        let frame = encode_notice(&notice)?;
         // Every shard knows every server session: one tells them.
         self.send(
             0,
-            ShardInput::NoticeNetwork {
+            ControlChange::NoticeNetwork {
                 network,
                 frame: frame.clone(),
                 close,
             },
-        );
+        )?;
         if close {
             // Direct device sessions are known to the shards of their users: all of them.
             let cores = self.shared.get().map_or(0, |shared| shared.cores);
             for shard in 0..cores {
                 self.send(
                     shard,
-                    ShardInput::CloseNetworkDevices {
+                    ControlChange::CloseNetworkDevices {
                         network,
                         frame: frame.clone(),
                     },
-                );
+                )?;
             }
         }
+        Ok(())
     }
 }

@@ -3,10 +3,10 @@
 //! threads and the clock; `crate::core` gets the time as an argument.
 
 pub mod conn;
-pub mod core;
 pub mod inject;
 pub mod store;
 pub mod tls;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -20,12 +20,11 @@ use rustls::ServerConfig;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Notify;
 
-use self::core::{Batch, Core};
+use self::worker::{Batch, Worker};
 use crate::config::Config;
 use crate::core::auth::Auth;
 use crate::core::log::Durability;
 use crate::core::policy::Policy;
-use crate::core::queue::MemoryQueue;
 use crate::core::shard::Shard;
 use crate::limits::RelayLimits;
 use crate::metrics::{Connections, CoreMetrics};
@@ -157,10 +156,7 @@ impl Relay {
 }
 
 /// The core's shard: empty at the memory level, else rebuilt from its log directory.
-fn open_shard(
-    index: u16,
-    shared: &Shared,
-) -> Result<(Shard<MemoryQueue>, Option<store::ShardDir>), String> {
+fn open_shard(index: u16, shared: &Shared) -> Result<(Shard, Option<store::ShardDir>), String> {
     if shared.durability == Durability::Memory {
         return Ok((Shard::new(shared.limits), None));
     }
@@ -233,12 +229,13 @@ fn run_core(
                     return;
                 }
             };
-            let core = Rc::new(Core::new(index, shared.clone(), inbox, shard, log_dir));
+            let core = Rc::new(Worker::new(index, shared.clone(), inbox, shard, log_dir));
             tokio_uring::spawn(core.clone().run_committer());
             tokio_uring::spawn(core.clone().run_loader());
             let listener = tokio_uring::net::TcpListener::from_std(listener);
             tokio_uring::spawn(core.clone().run_inbox());
             tokio_uring::spawn(core.clone().run_timers());
+            tokio_uring::spawn(core.clone().run_flusher());
             let _ = ready.send(Ok(()));
             let control = shared.control[usize::from(index)].clone();
             loop {
@@ -260,7 +257,9 @@ fn run_core(
                 }
             }
             drop(listener);
-            conn::shut_down_all(&core);
+            for conn in core.conns.borrow().all() {
+                conn.shut_down();
+            }
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
             while !core.conns.borrow().is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;

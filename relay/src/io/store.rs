@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use crate::core::recovery::SegmentStore;
+use crate::core::shard::recovery::SegmentStore;
 
 /// `data_dir/shard-N`, holding `NNNNNNNNNNNNNNNNNNNN.log` segments and `quarantine/`.
 #[derive(Debug, Clone)]

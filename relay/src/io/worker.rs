@@ -1,43 +1,109 @@
-//! One core: its shard, its connections, and the batches it exchanges with other cores.
-//! Everything here runs on the core's own thread; other cores reach it only through its
-//! bounded inbox.
+//! One worker: the core's shard, its connections, and the batches it exchanges with other
+//! cores. Everything here runs on the core's own thread; other cores reach it only through
+//! its bounded inbox. A worker knows its connections only as [`Connection`]s (what a shard's
+//! output needs of one), so `conn.rs` depends on this file and not the other way round.
+//!
+//! Cross-core flow cannot deadlock: the task that drains the inbox never waits for another
+//! core's inbox (what it cannot send stays in its outgoing batches and a flusher task sends
+//! it later), and it handles at most `INBOX_BATCHES_PER_TURN` batches before it lets the
+//! core's other tasks run. Only tasks that take new work in (readers, the committer, the
+//! loader, the timer) wait for room, which is the back-pressure.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TrySendError};
 use tokio::sync::Notify;
 
-use super::conn::Conn;
 use super::store::ShardDir;
 use super::{Shared, now_ms};
 use crate::core::ConnId;
 use crate::core::log::{Durability, LogWrite, ShardLog};
-use crate::core::queue::MemoryQueue;
 use crate::core::session::SessionEvent;
-use crate::core::shard::{Shard, ShardInput, ShardOutput};
+use crate::core::shard::Shard;
+use crate::core::shard::interface::{ControlChange, Refusal, ShardInput, ShardOutput, Ticket};
+use crate::limits::{INBOX_BATCHES_PER_TURN, TIMER_TICK};
 
 /// Work one core hands another.
 #[derive(Debug)]
-pub enum CoreMsg {
+pub enum WorkerMsg {
     Shard(ShardInput),
     Conn(ShardOutput),
-    /// Answered once everything before it in the batch has been handled: how the control
-    /// plane knows a change reached the shard before it answers its caller.
-    Barrier(crossbeam_channel::Sender<()>),
+    /// A control-plane change for this core's shard, and who waits for its outcome.
+    Control {
+        ticket: Ticket,
+        change: ControlChange,
+        reply: Arc<ControlReply>,
+    },
 }
 
-pub type Batch = Vec<CoreMsg>;
+pub type Batch = Vec<WorkerMsg>;
+
+const PENDING: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// The control plane's side of one change: where its outcome goes, and whether anyone still
+/// waits for it. Exactly one of [`ControlReply::take`] (the core) and
+/// [`ControlReply::abandon`] (the control plane, on its deadline) wins, so a change the
+/// control plane reported as not applied is never applied later.
+#[derive(Debug)]
+pub struct ControlReply {
+    state: AtomicU8,
+    answer: crossbeam_channel::Sender<Result<(), Refusal>>,
+}
+
+impl ControlReply {
+    pub fn new(answer: crossbeam_channel::Sender<Result<(), Refusal>>) -> ControlReply {
+        ControlReply {
+            state: AtomicU8::new(PENDING),
+            answer,
+        }
+    }
+
+    /// The core takes the change; `false`: the control plane gave up, apply nothing.
+    pub fn take(&self) -> bool {
+        self.state
+            .compare_exchange(PENDING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The control plane gives up; `false`: the core took the change already.
+    pub fn abandon(&self) -> bool {
+        self.state
+            .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn answer(&self, result: Result<(), Refusal>) {
+        let _ = self.answer.try_send(result);
+    }
+}
+
+/// What a worker needs of a connection: somewhere to put the shard's outputs for it, and a
+/// way to end it.
+pub trait Connection: std::fmt::Debug {
+    fn id(&self) -> ConnId;
+    /// A shard's output for this connection.
+    fn apply(&self, worker: &Worker, output: ShardOutput);
+    /// Flush what is pending, then close.
+    fn begin_close(&self);
+    /// The relay is stopping: say so to the client, then close.
+    fn shut_down(&self);
+}
 
 /// A spilled frame to read back: (device, seq, segment, offset, len).
 type LoadRequest = (codec::DeviceAddress, u64, u64, u64, u32);
 
 /// Segment files a loader keeps open.
 const LOADER_FILES_OPEN_MAX: usize = 4;
+
+/// How long the flusher sleeps between tries while another core's inbox stays full.
+const FLUSH_RETRY: Duration = Duration::from_micros(200);
 
 async fn read_frame(
     dir: &ShardDir,
@@ -77,7 +143,7 @@ struct OpenSegment {
 #[derive(Debug, Default)]
 struct Slot {
     generation: u32,
-    conn: Option<Rc<Conn>>,
+    conn: Option<Rc<dyn Connection>>,
 }
 
 /// The connections of one core, by slot; a slot's generation grows on reuse, so a late
@@ -90,7 +156,7 @@ pub struct Slab {
 }
 
 impl Slab {
-    pub fn get(&self, id: ConnId) -> Option<Rc<Conn>> {
+    pub fn get(&self, id: ConnId) -> Option<Rc<dyn Connection>> {
         let slot = self.slots.get(id.slot as usize)?;
         if slot.generation != id.generation {
             return None;
@@ -106,17 +172,23 @@ impl Slab {
         self.len == 0
     }
 
-    pub fn all(&self) -> Vec<Rc<Conn>> {
+    pub fn all(&self) -> Vec<Rc<dyn Connection>> {
         self.slots.iter().filter_map(|s| s.conn.clone()).collect()
     }
 }
 
+/// Batches waiting to go to one other core, each at most `cross_core_batch_max` items.
+#[derive(Debug, Default)]
+struct Outgoing {
+    batches: VecDeque<Batch>,
+}
+
 #[derive(Debug)]
-pub struct Core {
+pub struct Worker {
     pub index: u16,
     pub shared: Arc<Shared>,
     inbox: Receiver<Batch>,
-    pub shard: RefCell<Shard<MemoryQueue>>,
+    pub shard: RefCell<Shard>,
     /// The shard's log directory; `None` at the memory durability level.
     log_dir: Option<ShardDir>,
     /// Wakes the committer when the shard appended to its log.
@@ -124,21 +196,25 @@ pub struct Core {
     /// Spilled frames to read back from the log.
     loads: RefCell<Vec<LoadRequest>>,
     load_wake: Notify,
+    /// Wakes the flusher: some batch could not be sent.
+    flush_wake: Notify,
     pub conns: RefCell<Slab>,
-    outgoing: RefCell<Vec<Batch>>,
+    outgoing: RefCell<Vec<Outgoing>>,
+    /// Control changes taken and not yet answered by the shard.
+    control_waiting: RefCell<HashMap<Ticket, Arc<ControlReply>>>,
     next_session: Cell<u64>,
 }
 
-impl Core {
+impl Worker {
     pub fn new(
         index: u16,
         shared: Arc<Shared>,
         inbox: Receiver<Batch>,
-        shard: Shard<MemoryQueue>,
+        shard: Shard,
         log_dir: Option<ShardDir>,
-    ) -> Core {
+    ) -> Worker {
         let cores = usize::from(shared.cores);
-        Core {
+        Worker {
             index,
             shared,
             inbox,
@@ -147,8 +223,10 @@ impl Core {
             commit_wake: Notify::new(),
             loads: RefCell::new(Vec::new()),
             load_wake: Notify::new(),
+            flush_wake: Notify::new(),
             conns: RefCell::new(Slab::default()),
-            outgoing: RefCell::new((0..cores).map(|_| Vec::new()).collect()),
+            outgoing: RefCell::new((0..cores).map(|_| Outgoing::default()).collect()),
+            control_waiting: RefCell::new(HashMap::new()),
             next_session: Cell::new(1),
         }
     }
@@ -182,9 +260,9 @@ impl Core {
         Some((id, session))
     }
 
-    pub fn insert(&self, conn: Rc<Conn>) {
+    pub fn insert(&self, conn: Rc<dyn Connection>) {
         let mut slab = self.conns.borrow_mut();
-        let id = conn.id;
+        let id = conn.id();
         if let Some(slot) = slab.slots.get_mut(id.slot as usize) {
             slot.conn = Some(conn);
         }
@@ -203,7 +281,7 @@ impl Core {
     }
 
     /// Carries out what a session asked for.
-    pub fn dispatch(&self, events: &mut Vec<SessionEvent>, conn: &Conn) {
+    pub fn dispatch(&self, events: &mut Vec<SessionEvent>, conn: &dyn Connection) {
         for event in events.drain(..) {
             match event {
                 SessionEvent::Route { shard, input } => self.to_shard(shard, input),
@@ -222,8 +300,25 @@ impl Core {
         if shard == self.index {
             self.shard.borrow_mut().handle(now_ms(), input);
             self.drain_shard();
-        } else if let Some(batch) = self.outgoing.borrow_mut().get_mut(usize::from(shard)) {
-            batch.push(CoreMsg::Shard(input));
+        } else {
+            self.send_to(shard, WorkerMsg::Shard(input));
+        }
+    }
+
+    /// Adds `msg` to the outgoing batches for `core`.
+    fn send_to(&self, core: u16, msg: WorkerMsg) {
+        let batch_max = self.shared.limits.cross_core_batch_max as usize;
+        let mut outgoing = self.outgoing.borrow_mut();
+        let Some(out) = outgoing.get_mut(usize::from(core)) else {
+            return;
+        };
+        match out.batches.back_mut() {
+            Some(batch) if batch.len() < batch_max => batch.push(msg),
+            _ => {
+                let mut batch = Vec::with_capacity(batch_max.min(64));
+                batch.push(msg);
+                out.batches.push_back(batch);
+            }
         }
     }
 
@@ -232,36 +327,43 @@ impl Core {
         loop {
             let output = self.shard.borrow_mut().poll_output();
             let Some(output) = output else { break };
-            let target = match &output {
-                ShardOutput::Deliver { conn, .. }
-                | ShardOutput::Ack { conn, .. }
-                | ShardOutput::Close { conn, .. }
-                | ShardOutput::Send { conn, .. } => *conn,
-                ShardOutput::Load {
-                    device,
-                    seq,
-                    segment,
-                    offset,
-                    len,
-                } => {
-                    self.loads
-                        .borrow_mut()
-                        .push((*device, *seq, *segment, *offset, *len));
-                    self.load_wake.notify_one();
-                    continue;
-                }
-            };
-            if target.core == self.index {
-                self.apply(output);
-            } else if let Some(batch) = self.outgoing.borrow_mut().get_mut(usize::from(target.core))
-            {
-                batch.push(CoreMsg::Conn(output));
+            match output.conn() {
+                Some(target) if target.core == self.index => self.apply(output),
+                Some(target) => self.send_to(target.core, WorkerMsg::Conn(output)),
+                None => self.take_shell_work(output),
             }
         }
         let shard = self.shard.borrow();
         self.metrics().publish_shard(shard.stats());
         if shard.log().is_some_and(ShardLog::has_pending) {
             self.commit_wake.notify_one();
+        }
+    }
+
+    /// Outputs for the shell itself: log reads and control answers.
+    fn take_shell_work(&self, output: ShardOutput) {
+        match output {
+            ShardOutput::Load {
+                device,
+                seq,
+                segment,
+                offset,
+                len,
+            } => {
+                self.loads
+                    .borrow_mut()
+                    .push((device, seq, segment, offset, len));
+                self.load_wake.notify_one();
+            }
+            ShardOutput::Applied { ticket, result } => {
+                if let Some(reply) = self.control_waiting.borrow_mut().remove(&ticket) {
+                    reply.answer(result);
+                }
+            }
+            ShardOutput::Deliver { .. }
+            | ShardOutput::Ack { .. }
+            | ShardOutput::Close { .. }
+            | ShardOutput::Send { .. } => {}
         }
     }
 
@@ -408,13 +510,7 @@ impl Core {
 
     /// A shard's output for a connection of this core.
     fn apply(&self, output: ShardOutput) {
-        let target = match &output {
-            ShardOutput::Deliver { conn, .. }
-            | ShardOutput::Ack { conn, .. }
-            | ShardOutput::Close { conn, .. }
-            | ShardOutput::Send { conn, .. } => *conn,
-            ShardOutput::Load { .. } => return,
-        };
+        let Some(target) = output.conn() else { return };
         // A connection that closed meanwhile: its deliveries stay queued in the shard, which
         // its detach has already unbound; its acks have no one left to read them.
         let Some(conn) = self.conns.borrow().get(target) else {
@@ -423,94 +519,132 @@ impl Core {
         conn.apply(self, output);
     }
 
-    /// Sends the batches built up for other cores. Returns `false` if an inbox was full; the
-    /// batch stays and goes with the next call. A core whose inbox is gone has stopped (the
-    /// relay is stopping): nothing there can take the batch, so it is dropped, not retried.
+    /// Sends the batches built up for other cores, in order. Returns `false` if an inbox was
+    /// full; what did not go stays for the next call. A core whose inbox is gone has stopped
+    /// (the relay is stopping): nothing there can take the batch, so it is dropped.
     pub fn try_flush(&self) -> bool {
         let mut all_sent = true;
         let mut outgoing = self.outgoing.borrow_mut();
-        for (core, batch) in outgoing.iter_mut().enumerate() {
-            if batch.is_empty() {
-                continue;
-            }
-            let taken = std::mem::take(batch);
-            match self.shared.senders[core].try_send(taken) {
-                Ok(()) => self.shared.notifies[core].notify_one(),
-                Err(TrySendError::Full(back)) => {
-                    *batch = back;
-                    all_sent = false;
+        for (core, out) in outgoing.iter_mut().enumerate() {
+            let mut sent = false;
+            while let Some(batch) = out.batches.pop_front() {
+                match self.shared.senders[core].try_send(batch) {
+                    Ok(()) => sent = true,
+                    Err(TrySendError::Full(back)) => {
+                        out.batches.push_front(back);
+                        all_sent = false;
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => out.batches.clear(),
                 }
-                Err(TrySendError::Disconnected(_)) => {}
+            }
+            if sent {
+                self.shared.notifies[core].notify_one();
             }
         }
         all_sent
     }
 
     /// Sends every batch, waiting (without blocking the core) while an inbox is full: the
-    /// caller stops reading its socket meanwhile, which is the back-pressure.
+    /// caller takes no new work meanwhile, which is the back-pressure. Never called by the
+    /// inbox task, which must keep draining for the others to make progress.
     pub async fn flush(&self) {
         while !self.try_flush() {
-            self.shared.notifies[usize::from(self.index)].notify_one();
-            tokio::task::yield_now().await;
+            tokio::time::sleep(FLUSH_RETRY).await;
         }
     }
 
-    /// Drains this core's inbox, forever.
-    pub async fn run_inbox(self: Rc<Self>) {
-        let notify = self.shared.notifies[usize::from(self.index)].clone();
+    /// Sends what the inbox task could not, once there is room.
+    pub async fn run_flusher(self: Rc<Self>) {
         loop {
-            notify.notified().await;
-            let started = Instant::now();
-            let mut barriers = Vec::new();
-            while let Ok(batch) = self.inbox.try_recv() {
-                let now = now_ms();
-                for msg in batch {
-                    match msg {
-                        CoreMsg::Shard(input) => {
-                            self.shard.borrow_mut().handle(now, input);
-                        }
-                        CoreMsg::Conn(output) => self.apply(output),
-                        CoreMsg::Barrier(done) => barriers.push(done),
-                    }
-                }
-                self.drain_shard();
-            }
+            self.flush_wake.notified().await;
             self.flush().await;
-            // Answered once the outputs of what came before went to their connections.
-            for done in barriers {
-                let _ = done.send(());
-            }
-            self.record_turn(started);
             if self.shared.stopping.load(Ordering::Acquire) && self.conns.borrow().is_empty() {
                 return;
             }
         }
     }
 
-    /// Expires queued frames whose TTL ran out, every 100 ms.
+    /// Drains this core's inbox, forever, a bounded number of batches per turn.
+    pub async fn run_inbox(self: Rc<Self>) {
+        let notify = self.shared.notifies[usize::from(self.index)].clone();
+        loop {
+            notify.notified().await;
+            loop {
+                let started = Instant::now();
+                let mut handled = 0;
+                while handled < INBOX_BATCHES_PER_TURN {
+                    let Ok(batch) = self.inbox.try_recv() else {
+                        break;
+                    };
+                    handled += 1;
+                    self.handle_batch(batch);
+                }
+                if !self.try_flush() {
+                    self.flush_wake.notify_one();
+                }
+                self.end_turn(started);
+                if handled < INBOX_BATCHES_PER_TURN {
+                    break;
+                }
+                // More may wait: let this core's connections have a turn first.
+                tokio::task::yield_now().await;
+            }
+            if self.shared.stopping.load(Ordering::Acquire) && self.conns.borrow().is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn handle_batch(&self, batch: Batch) {
+        let now = now_ms();
+        for msg in batch {
+            match msg {
+                WorkerMsg::Shard(input) => self.shard.borrow_mut().handle(now, input),
+                WorkerMsg::Conn(output) => self.apply(output),
+                WorkerMsg::Control {
+                    ticket,
+                    change,
+                    reply,
+                } => {
+                    // The control plane may have given up on this change: then it must not
+                    // happen at all.
+                    if reply.take() {
+                        self.control_waiting.borrow_mut().insert(ticket, reply);
+                        let input = ShardInput::Control { ticket, change };
+                        self.shard.borrow_mut().handle(now, input);
+                    }
+                }
+            }
+        }
+        self.drain_shard();
+    }
+
+    /// Every `TIMER_TICK`: expires queued frames whose TTL ran out and does the log's
+    /// housekeeping.
     pub async fn run_timers(self: Rc<Self>) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        let mut tick = tokio::time::interval(TIMER_TICK);
         loop {
             tick.tick().await;
             if self.shared.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let due = self
-                .shard
-                .borrow()
-                .poll_timeout()
-                .is_some_and(|at| at <= now_ms());
-            if due {
-                self.shard.borrow_mut().handle_timeout(now_ms());
-                self.drain_shard();
-                self.flush().await;
-            }
+            let started = Instant::now();
+            self.shard.borrow_mut().handle_timeout(now_ms());
+            self.drain_shard();
+            self.flush().await;
+            self.end_turn(started);
         }
     }
 
-    pub fn record_turn(&self, started: Instant) {
+    /// Counts a turn; in debug builds, checks every invariant of the shard after it.
+    pub fn end_turn(&self, started: Instant) {
         let m = self.metrics();
         m.turns.fetch_add(1, Ordering::Relaxed);
         m.busy_ns.fetch_add(nanos(started), Ordering::Relaxed);
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.shard.borrow().audit() {
+            panic!("shard {}: invariant broken: {broken}", self.index);
+        }
     }
 }

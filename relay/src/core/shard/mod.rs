@@ -1,0 +1,172 @@
+//! One shard: the users hashed to it, their devices, each device's queue and where it is
+//! connected. A sans-IO state machine: [`Shard::handle`] and [`Shard::handle_timeout`] take
+//! inputs with the time; [`Shard::poll_output`] hands out deliveries, acks and log reads.
+//!
+//! This file is the public surface; the work lives in one module per job, in the manner of
+//! quinn-proto's `Connection`: `directory` (who is connected where, device sets, notices),
+//! `delivery` (enqueue, release, the delivery window, expiry), `durable` (the log's
+//! bookkeeping, spill and load, compaction), `recovery` (rebuilding from the log) and
+//! `invariants` (what must hold after every turn).
+//!
+//! Delivery model: each device is *bound* to at most one connection (its own device session,
+//! or else one server session of its network, chosen by hash so its order holds). The first
+//! `device_deliveries_in_flight_max` frames of its queue are written to that connection; an
+//! `Ack` from the device releases a frame and lets the next one go. When the binding changes,
+//! unacknowledged frames are written again from the front, so nothing acknowledged by the
+//! relay is lost and order per device is kept.
+
+mod delivery;
+mod directory;
+mod durable;
+pub mod interface;
+mod invariants;
+pub mod recovery;
+mod state;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use bytes::Bytes;
+use codec::{DeviceAddress, DeviceId, MessageId, UserAddress};
+
+use self::interface::{ShardInput, ShardOutput, ShardStats};
+use self::state::Directory;
+use super::DeviceSet;
+use super::dedup::Dedup;
+use super::log::ShardLog;
+use crate::limits::RelayLimits;
+
+/// A queued frame's TTL: (expires at, user, device, seq). Entries of frames released since
+/// are dropped lazily.
+type ExpiryEntry = Reverse<(u64, UserAddress, DeviceId, u64)>;
+
+#[derive(Debug)]
+pub struct Shard {
+    limits: RelayLimits,
+    dir: Directory,
+    dedup: Dedup,
+    expiry: BinaryHeap<ExpiryEntry>,
+    out: VecDeque<ShardOutput>,
+    stats: ShardStats,
+    /// The durable log; `None` at the `memory` durability level.
+    log: Option<ShardLog>,
+    /// Outputs held until the log has stored everything appended before them: (log position,
+    /// output). Acks and control answers wait here.
+    awaiting: VecDeque<(u64, ShardOutput)>,
+    /// A segment whose spilled frames are being read back so it can be rewritten: they must
+    /// not be spilled again meanwhile.
+    reloading: Option<u64>,
+}
+
+impl Shard {
+    pub fn new(limits: RelayLimits) -> Shard {
+        let window_ms = u64::from(limits.dedup_window_seconds) * 1000;
+        Shard {
+            limits,
+            dir: Directory::default(),
+            dedup: Dedup::new(window_ms, limits.dedup_entries_max.max(1) as usize),
+            expiry: BinaryHeap::new(),
+            out: VecDeque::new(),
+            stats: ShardStats::default(),
+            log: None,
+            awaiting: VecDeque::new(),
+            reloading: None,
+        }
+    }
+
+    /// A shard that records everything in `log` and acknowledges only what it stored.
+    pub fn with_log(limits: RelayLimits, log: ShardLog) -> Shard {
+        Shard {
+            log: Some(log),
+            ..Shard::new(limits)
+        }
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: ShardInput) {
+        match input {
+            ShardInput::Envelope(routed) | ShardInput::Receipt(routed) => {
+                self.enqueue(now_ms, routed)
+            }
+            ShardInput::Signal { recipient, frame } => self.signal(recipient, frame),
+            ShardInput::DeviceAck { device, id } => self.release(device, id),
+            ShardInput::DeviceList {
+                request_id,
+                user,
+                devices,
+                reply_to,
+            } => {
+                let result = self.set_devices(user, &devices);
+                let ack = ShardOutput::Ack {
+                    conn: reply_to,
+                    id: request_id,
+                    address: user.device(DeviceId(0)),
+                    result,
+                };
+                self.emit_when_stored(ack);
+            }
+            ShardInput::AttachDevice { device, conn } => self.attach_device(device, conn),
+            ShardInput::DetachDevice { device, conn } => self.detach_device(device, conn),
+            ShardInput::AttachServer { network, conn } => self.attach_server(network, conn),
+            ShardInput::DetachServer { network, conn } => self.detach_server(network, conn),
+            ShardInput::Control { ticket, change } => {
+                let result = self.apply_control(change);
+                self.emit_when_stored(ShardOutput::Applied { ticket, result });
+            }
+        }
+    }
+
+    /// Removes every queued frame whose TTL ran out by `now_ms`, and does the log's
+    /// housekeeping (compaction, spill, dead segments).
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.dedup.forget_expired(now_ms);
+        self.expire(now_ms);
+        self.housekeep_log(now_ms);
+    }
+
+    pub fn poll_output(&mut self) -> Option<ShardOutput> {
+        self.out.pop_front()
+    }
+
+    /// The next time [`Shard::handle_timeout`] has work (a TTL running out).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.expiry.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+
+    pub fn log(&self) -> Option<&ShardLog> {
+        self.log.as_ref()
+    }
+
+    /// The device set of a user, as the shard knows it.
+    pub fn devices_of(&self, user: &UserAddress) -> DeviceSet {
+        self.dir
+            .users
+            .get(user)
+            .map(state::UserState::device_set)
+            .unwrap_or_default()
+    }
+
+    /// (seq, id, frame) of every frame queued for a device, in order; a spilled frame's bytes
+    /// are empty (for tests and tools).
+    pub fn queued(&self, device: &DeviceAddress) -> Vec<(u64, MessageId, Bytes)> {
+        self.dir.device(device).map_or_else(Vec::new, |d| {
+            d.queue
+                .iter()
+                .map(|q| (q.seq, q.id, q.frame.clone().unwrap_or_default()))
+                .collect()
+        })
+    }
+
+    /// Frames queued for a device (delivered or not, until acknowledged).
+    pub fn queue_len(&self, device: &DeviceAddress) -> usize {
+        self.dir.device(device).map_or(0, |d| d.queue.len())
+    }
+
+    /// Entries in the expiry heap (live and stale), for the bound checks of the tests.
+    pub fn expiry_entries(&self) -> usize {
+        self.expiry.len()
+    }
+}
