@@ -35,9 +35,6 @@ use tokio_rustls::client::TlsStream;
 /// How long any single expected event may take to arrive.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long "nothing arrives" checks listen.
-pub const QUIET: Duration = Duration::from_millis(300);
-
 /// The development PKI's gatekeeper network (role `GatekeeperServer`).
 pub const GATEKEEPER: NetworkId = NetworkId(1);
 /// The development PKI's partner network (role `PartnerServer`).
@@ -653,16 +650,6 @@ impl Session {
                 "{}: expected the session to close, got {other:?}",
                 self.name
             ),
-        }
-    }
-
-    /// Fails if any event (or error) arrives within `duration`.
-    pub async fn assert_no_event_for(&mut self, duration: Duration) {
-        if let Ok(outcome) = tokio::time::timeout(duration, self.conn.next_event()).await {
-            panic!(
-                "{}: expected nothing for {duration:?}, got {outcome:?}",
-                self.name
-            );
         }
     }
 
