@@ -16,8 +16,9 @@ use client::{
 };
 use codec::envelope_flags;
 use common::{
-    GATEKEEPER, PARTNER, QUIET, Session, TestRelay, device, devices_of, envelope, envelope_listed,
-    frame_bytes, new_id, now_ms, payload, read_pem, receipt, signal, user,
+    GATEKEEPER, PARTNER, Session, TestRelay, device, devices_of, envelope, envelope_listed,
+    frame_bytes, new_id, now_ms, payload, probe, probe_signal, probe_within, read_pem, receipt,
+    signal, user,
 };
 use relay::limits::RelayLimits;
 
@@ -89,8 +90,9 @@ async fn one_to_one_both_directions_between_servers() {
     )
     .await;
 
-    gk.assert_no_event_for(QUIET).await;
-    partner.assert_no_event_for(QUIET).await;
+    // Nothing more on either side: a probe each way arrives next.
+    probe(&mut gk, gk_dev, &mut partner, p_user, &[1]).await;
+    probe(&mut partner, p_dev, &mut gk, gk_user, &[1]).await;
     // Every acked frame left its queue.
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     assert!(relay.metric("relay_shard_released_total") >= 4);
@@ -137,8 +139,10 @@ async fn device_session_receives_acks_and_replies_as_itself() {
     dev.expect_rejected(sibling.message_id, ErrorCode::SenderNotAllowed)
         .await;
 
-    gk.assert_no_event_for(QUIET).await;
-    dev.assert_no_event_for(QUIET).await;
+    // The refused envelope's path (device session → gk_user) carries only the probe after
+    // it; and nothing more is due the device.
+    probe(&mut dev, me, &mut gk, gk_user, &[1]).await;
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     dev.close().await;
     gk.close().await;
@@ -180,8 +184,7 @@ async fn fan_out_to_every_declared_device() {
         partner.ack_delivery(d).await;
     }
 
-    partner.assert_no_event_for(QUIET).await;
-    gk.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut partner, p_user, &[1, 2, 3]).await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;
 }
@@ -225,8 +228,7 @@ async fn offline_device_gets_its_backlog_in_order_then_live_traffic() {
     for d in &deliveries {
         dev.ack_delivery(d).await;
     }
-    dev.assert_no_event_for(QUIET).await;
-    gk.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;
 }
@@ -264,7 +266,7 @@ async fn unacked_deliveries_are_redelivered_when_the_binding_changes() {
         assert_eq!(d.seq, seq);
         dev.ack_delivery(d).await;
     }
-    dev.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     dev.close().await;
 
     // A device carried by its network's server session, unacked, then connecting by itself.
@@ -281,13 +283,13 @@ async fn unacked_deliveries_are_redelivered_when_the_binding_changes() {
     assert_eq!(taken_over.envelope().0, &env);
     assert_eq!(taken_over.seq, carried.seq);
     direct.ack_delivery(&taken_over).await;
-    direct.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut direct, other.user_address(), &[1]).await;
     // Acked by the device itself: the server session gets nothing more, now or once the
-    // device leaves and its binding falls back to the server session.
+    // device leaves and its binding falls back to the server session. Whatever is left in
+    // the device's queue is written before the probe (from the front, on the new binding).
     direct.close().await;
-    partner.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut partner, other.user_address(), &[1]).await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
-    gk.assert_no_event_for(QUIET).await;
     relay.stop().await;
 }
 
@@ -323,8 +325,16 @@ async fn receipts_reach_every_device_of_the_original_sender() {
         assert_eq!(d.receipt(), &read);
         gk.ack_delivery(d).await;
     }
-    gk.assert_no_event_for(QUIET).await;
-    partner.assert_no_event_for(QUIET).await;
+    // The receipt's path (partner session → gk_user) and the envelope's, each probed.
+    probe(&mut partner, p_dev, &mut gk, gk_user, &[1, 2]).await;
+    probe(
+        &mut gk,
+        gk_user.device(DeviceId(1)),
+        &mut partner,
+        p_dev.user_address(),
+        &[1],
+    )
+    .await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;
 }
@@ -362,7 +372,8 @@ async fn signals_and_ephemeral_envelopes_are_never_queued() {
     assert_eq!(delivered.seq, 1);
     assert!(!delivered.ephemeral);
     dev.ack_delivery(&delivered).await;
-    dev.assert_no_event_for(QUIET).await;
+    // Neither offline frame was queued behind it.
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
 
     // Online: a signal arrives at once, flagged ephemeral; the relay acks nothing for it.
     let typing = signal(gk_dev, me.user_address(), SignalKind::TypingStopped);
@@ -383,8 +394,9 @@ async fn signals_and_ephemeral_envelopes_are_never_queued() {
     assert!(delivered.ephemeral);
     assert_eq!(delivered.envelope().0, &live);
 
-    gk.assert_no_event_for(QUIET).await;
-    dev.assert_no_event_for(QUIET).await;
+    // No Ack for the signal (it would come before the probe's), and neither ephemeral frame
+    // was written again or queued.
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;
 }
@@ -424,15 +436,15 @@ async fn spoofed_sender_is_rejected_and_the_session_goes_on() {
     let error = partner.expect_error(ErrorCode::SenderNotAllowed).await;
     assert!(!error.fatal);
 
-    // The session is still good: a valid envelope goes through.
+    // The session is still good: a valid envelope goes through. On the forged frames' path
+    // (partner session → gk_user), after them: its being next on the gatekeeper's session
+    // proves nothing forged reached it, its Ack being next on the partner's that no other
+    // answer is due.
     let valid = envelope(p_dev, gk_user);
     partner.send_accepted(&valid, b"genuine").await;
     let delivered = gk.expect_delivery().await;
     assert_eq!(delivered.envelope().0, &valid);
     gk.ack_delivery(&delivered).await;
-    // Nothing forged reached the gatekeeper.
-    gk.assert_no_event_for(QUIET).await;
-    partner.assert_no_event_for(QUIET).await;
     relay.stop().await;
 }
 
@@ -462,9 +474,9 @@ async fn a_stale_device_list_is_refused_with_the_current_set() {
         .await;
     assert_eq!(current, vec![1, 2], "names removed device 3");
     assert_eq!(retry_after_ms, 0);
-    partner.assert_no_event_for(QUIET).await;
 
-    // Re-encrypted for the current set, it goes through.
+    // Re-encrypted for the current set, it goes through; on the refused ones' path, so its
+    // deliveries coming next prove those were not delivered.
     let exact = envelope_listed(gk_dev, p_user, &[2, 1]);
     gk.send_accepted(&exact, b"for 1 and 2").await;
     let deliveries = partner.expect_deliveries(2).await;
@@ -473,7 +485,7 @@ async fn a_stale_device_list_is_refused_with_the_current_set() {
         assert_eq!(d.envelope().0, &exact);
         partner.ack_delivery(d).await;
     }
-    partner.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut partner, p_user, &[1, 2]).await;
     relay.stop().await;
 }
 
@@ -495,14 +507,14 @@ async fn a_resent_message_id_is_acked_again_and_delivered_once() {
     let delivered = partner.expect_delivery().await;
     assert_eq!(delivered.envelope().0, &env);
     partner.ack_delivery(&delivered).await;
-    partner.assert_no_event_for(QUIET).await;
 
     // Still within the dedup window after the device acked it: acked, not delivered again.
     gk.send_accepted(&env, b"once").await;
-    partner.assert_no_event_for(QUIET).await;
     assert_eq!(relay.metric("relay_shard_duplicates_total"), 2);
 
     // The id is the sender's: another device of the same user may use it for its own message.
+    // Sent on the copies' path (gk session → p_user), its being the next delivery proves
+    // neither copy was delivered again.
     let other = client::Envelope {
         sender: gk_user.device(DeviceId(2)),
         ..env.clone()
@@ -511,8 +523,14 @@ async fn a_resent_message_id_is_acked_again_and_delivered_once() {
     let delivered = partner.expect_delivery().await;
     assert_eq!(delivered.envelope().0, &other);
     partner.ack_delivery(&delivered).await;
-    partner.assert_no_event_for(QUIET).await;
-    gk.assert_no_event_for(QUIET).await;
+    probe(
+        &mut gk,
+        gk_user.device(DeviceId(1)),
+        &mut partner,
+        p_user,
+        &[1],
+    )
+    .await;
     relay.stop().await;
 }
 
@@ -696,7 +714,9 @@ async fn a_trusted_certificate_registered_for_no_network_is_refused() {
         )
         .await;
     expect_refused(outcome, ErrorCode::TokenInvalid);
-    gk.assert_no_event_for(QUIET).await;
+    // The refused sessions left the registered one alone: its user's device is still bound
+    // to it, with nothing queued or answered ahead of a probe.
+    probe_within(&mut gk, device(GATEKEEPER, 2, 1), user(GATEKEEPER, 1), &[1]).await;
     gk.close().await;
     relay.stop().await;
 }
@@ -763,7 +783,17 @@ async fn device_tokens_are_checked() {
         relay.connect(device_options(Some(token))).await,
         ErrorCode::TokenReplayed,
     );
-    first.assert_no_event_for(QUIET).await;
+    // The replay took nothing from the first session: the device's deliveries still go to
+    // it, with nothing ahead of a probe.
+    let mut gk = relay.server(GATEKEEPER).await;
+    probe(
+        &mut gk,
+        device(GATEKEEPER, 0x1001, 1),
+        &mut first,
+        me.user_address(),
+        &[1],
+    )
+    .await;
     first.close().await;
     relay.stop().await;
 }
@@ -825,8 +855,7 @@ async fn keep_talking(
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    sender.assert_no_event_for(QUIET).await;
-    receiver.assert_no_event_for(QUIET).await;
+    probe(&mut sender, from, &mut receiver, to, &[1]).await;
     sender.close().await;
     receiver.close().await;
     rounds
@@ -922,8 +951,10 @@ async fn hostile_frames_hurt_only_their_own_session() {
     bytes.resize(bytes.len() + extra, 0x5A);
     hostile.send_raw(&bytes).await;
     assert!(!hostile.expect_error(ErrorCode::PayloadTooLarge).await.fatal);
+    // Each valid round travels the hostile frames' path after them: its Ack next on the
+    // hostile session and its delivery next on the partner's prove no other answer or
+    // delivery came of them.
     valid_round(&mut hostile, &mut partner, b"after an oversized payload").await;
-    hostile.assert_no_event_for(QUIET).await;
     hostile.close().await;
 
     // An oversized length prefix: fatal FRAME_TOO_LARGE, and the relay closes.
@@ -958,7 +989,12 @@ async fn hostile_frames_hurt_only_their_own_session() {
         }
         other => panic!("expected the session to end, got {other:?}"),
     }
-    partner.assert_no_event_for(QUIET).await;
+    // Its session is gone, so the probe comes from another: whatever the closed sessions
+    // routed was in its shard's inbox before the relay closed them; once every core has
+    // handled its inbox, a probe to the same user is queued behind it.
+    relay.settle().await;
+    let mut prober = relay.server(GATEKEEPER).await;
+    valid_round(&mut prober, &mut partner, b"probe").await;
 
     stop.store(true, Ordering::Relaxed);
     let rounds = tokio::time::timeout(Duration::from_secs(30), background)
@@ -966,8 +1002,8 @@ async fn hostile_frames_hurt_only_their_own_session() {
         .expect("the bystander pair finishes")
         .expect("the bystander pair saw nothing unusual");
     assert!(rounds >= 3);
-    // Nothing the hostile sessions sent reached anyone.
-    partner.assert_no_event_for(QUIET).await;
+    // Nothing the hostile sessions sent reached anyone: the bystander pair checked each of
+    // its events, and the partner's session saw each probe above next.
     partner.close().await;
     relay.stop().await;
 }
@@ -1008,7 +1044,9 @@ async fn a_full_queue_pushes_back_and_loses_nothing_acked() {
         assert_eq!(d.envelope().0, env);
         assert_eq!(d.envelope().1.as_ref(), format!("queued #{i}").as_bytes());
     }
-    dev.assert_no_event_for(QUIET).await;
+    // The refused sixth was not queued after all (it would be delivered at once, ahead of
+    // the probe; a signal, as the full queue refuses envelopes).
+    probe_signal(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     for d in &deliveries {
         dev.ack_delivery(d).await;
     }
@@ -1034,7 +1072,7 @@ async fn a_full_queue_pushes_back_and_loses_nothing_acked() {
     assert_eq!(delivered.seq, 6);
     assert_eq!(delivered.envelope().0, &sixth);
     dev.ack_delivery(&delivered).await;
-    dev.assert_no_event_for(QUIET).await;
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;
 }
@@ -1177,8 +1215,12 @@ async fn device_list_rules() {
     for d in &deliveries {
         partner.ack_delivery(d).await;
     }
-    partner.assert_no_event_for(QUIET).await;
-    dev.assert_no_event_for(QUIET).await;
+    let gk_dev = gk_user.device(DeviceId(1));
+    probe(&mut gk, gk_dev, &mut partner, p_user, &[1, 2, 3, 4, 5]).await;
+    probe(&mut gk, gk_dev, &mut dev, other, &[1]).await;
+    // The refused device list left no answer behind: a device list's Ack waits for the log
+    // like an envelope's, so it would come before the probe's.
+    probe_within(&mut dev, other.device(DeviceId(1)), other, &[1]).await;
     relay.stop().await;
 }
 
@@ -1221,7 +1263,8 @@ async fn an_expired_frame_is_never_delivered() {
     );
     assert_eq!(delivered.seq, 2);
     dev.ack_delivery(&delivered).await;
-    dev.assert_no_event_for(QUIET).await;
+    // The expired one is not delivered late: it would come before the probe.
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
     assert_eq!(relay.metric("relay_shard_expired_total"), 1);
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;

@@ -24,6 +24,7 @@ use client::{
 };
 use codec::{Frame, FrameDecoder, HeaderRef};
 use relay::config::Config;
+use relay::io::core::CoreMsg;
 use relay::io::{Relay, Shared};
 use relay::limits::RelayLimits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,9 +34,6 @@ use tokio_rustls::client::TlsStream;
 
 /// How long any single expected event may take to arrive.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long "nothing arrives" checks listen.
-pub const QUIET: Duration = Duration::from_millis(300);
 
 /// The development PKI's gatekeeper network (role `GatekeeperServer`).
 pub const GATEKEEPER: NetworkId = NetworkId(1);
@@ -294,6 +292,25 @@ impl TestRelay {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Returns once every core has handled everything sent to its inbox before the call
+    /// (and handed the outputs on): work a closed session routed is then in its shard.
+    pub async fn settle(&self) {
+        let shared = self.shared.clone();
+        let settling = tokio::task::spawn_blocking(move || {
+            for (core, inbox) in shared.senders.iter().enumerate() {
+                let (done, handled) = crossbeam_channel::bounded(1);
+                inbox
+                    .send(vec![CoreMsg::Barrier(done)])
+                    .expect("a running core's inbox");
+                shared.notifies[core].notify_one();
+                handled
+                    .recv_timeout(STEP_TIMEOUT)
+                    .unwrap_or_else(|_| panic!("core {core} did not settle in {STEP_TIMEOUT:?}"));
+            }
+        });
+        settling.await.expect("settling panicked");
     }
 
     /// Stops the relay (off the async threads: it joins the relay's cores) and returns how
@@ -636,15 +653,136 @@ impl Session {
         }
     }
 
-    /// Fails if any event (or error) arrives within `duration`.
-    pub async fn assert_no_event_for(&mut self, duration: Duration) {
-        if let Ok(outcome) = tokio::time::timeout(duration, self.conn.next_event()).await {
-            panic!(
-                "{}: expected nothing for {duration:?}, got {outcome:?}",
+    /// The next `devices.len()` events must be `probe`'s deliveries, one to each of
+    /// `devices` (of its recipient), each acked.
+    pub async fn expect_probe(&mut self, probe: &Envelope, devices: &[u32]) {
+        let mut got = BTreeSet::new();
+        for _ in devices {
+            let delivered = self.expect_delivery().await;
+            assert_eq!(
+                delivered.envelope().0,
+                probe,
+                "{}: expected the probe, got another envelope",
                 self.name
             );
+            assert!(!delivered.ephemeral, "{}: the probe is queued", self.name);
+            assert_eq!(delivered.device.user_address(), probe.recipient);
+            got.insert(delivered.device.device.0);
+            self.ack_delivery(&delivered).await;
+        }
+        assert_eq!(
+            got,
+            devices.iter().copied().collect::<BTreeSet<u32>>(),
+            "{}: the probe's devices",
+            self.name
+        );
+    }
+}
+
+// --- probes: proving that something does not arrive ---
+//
+// Waiting a while proves nothing against a slow relay. A probe does: a frame sent after the
+// action whose outcome must not arrive, on the same ordered path. Frames one session sends
+// to one recipient user reach that user's shard in order, and each device's deliveries leave
+// in queue order; so anything the action wrongly let through would arrive before the probe,
+// and "the next event is the probe" proves nothing else is on its way.
+
+/// An envelope from `from` (as `sender`) to `recipient`: the next event on `from` must be
+/// its `Ack(Accepted)` (so no answer to an earlier frame of `from` to that user is still due)
+/// and the next ones on `to` its deliveries to exactly `devices` (so nothing queued or
+/// written earlier for them is). Acks the deliveries; returns the probe.
+pub async fn probe(
+    from: &mut Session,
+    sender: DeviceAddress,
+    to: &mut Session,
+    recipient: UserAddress,
+    devices: &[u32],
+) -> Envelope {
+    let probe = envelope(sender, recipient);
+    from.send_accepted(&probe, b"probe").await;
+    to.expect_probe(&probe, devices).await;
+    probe
+}
+
+/// [`probe`] where one session both sends and receives it (a server session writing to a
+/// user of its own network, a device to its own user): its `Ack` and its deliveries may come
+/// in either order, and nothing else may come before all of them.
+pub async fn probe_within(
+    session: &mut Session,
+    sender: DeviceAddress,
+    recipient: UserAddress,
+    devices: &[u32],
+) -> Envelope {
+    let probe = envelope(sender, recipient);
+    session.send_envelope(&probe, b"probe").await;
+    let mut acked = false;
+    let mut got = BTreeSet::new();
+    while !acked || got.len() < devices.len() {
+        match session.event().await {
+            Event::Ack(ack) if ack.message_id == probe.message_id && !acked => {
+                assert_eq!(
+                    ack.status,
+                    AckStatus::Accepted,
+                    "{}: the probe",
+                    session.name
+                );
+                acked = true;
+            }
+            Event::Delivery {
+                device,
+                ephemeral: false,
+                inner: Inbound::Envelope { header, .. },
+                ..
+            } if header == probe && device.user_address() == recipient => {
+                assert!(
+                    got.insert(device.device.0),
+                    "{}: the probe twice",
+                    session.name
+                );
+                session.ack(probe.message_id, device).await;
+            }
+            other => panic!("{}: expected only the probe, got {other:?}", session.name),
         }
     }
+    assert_eq!(
+        got,
+        devices.iter().copied().collect::<BTreeSet<u32>>(),
+        "{}: the probe's devices",
+        session.name
+    );
+    probe
+}
+
+/// A signal from `from` (as `sender`) to `recipient`: the next events on `to` must be its
+/// ephemeral deliveries to exactly `devices`. For ruling out ephemeral frames: signals and
+/// ephemeral envelopes reach connected devices only, and a signal passes a full queue.
+pub async fn probe_signal(
+    from: &mut Session,
+    sender: DeviceAddress,
+    to: &mut Session,
+    recipient: UserAddress,
+    devices: &[u32],
+) {
+    let probe = signal(sender, recipient, SignalKind::PresenceOnline);
+    from.send_signal(&probe).await;
+    let mut got = BTreeSet::new();
+    for _ in devices {
+        let delivered = to.expect_delivery().await;
+        assert!(delivered.ephemeral, "{}: a signal is ephemeral", to.name);
+        assert_eq!(
+            delivered.signal(),
+            &probe,
+            "{}: expected the probe",
+            to.name
+        );
+        got.insert(delivered.device.device.0);
+    }
+    assert_eq!(
+        got,
+        devices.iter().copied().collect::<BTreeSet<u32>>(),
+        "{}: the probe's devices",
+        to.name
+    );
 }
 
 /// A TLS session driven by hand: raw bytes out, frames in.
