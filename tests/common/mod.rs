@@ -24,7 +24,7 @@ use client::{
 };
 use codec::{Frame, FrameDecoder, HeaderRef};
 use relay::config::Config;
-use relay::io::core::CoreMsg;
+use relay::io::worker::WorkerMsg;
 use relay::io::{Relay, Shared};
 use relay::limits::RelayLimits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -302,7 +302,7 @@ impl TestRelay {
             for (core, inbox) in shared.senders.iter().enumerate() {
                 let (done, handled) = crossbeam_channel::bounded(1);
                 inbox
-                    .send(vec![CoreMsg::Barrier(done)])
+                    .send(vec![WorkerMsg::Barrier(done)])
                     .expect("a running core's inbox");
                 shared.notifies[core].notify_one();
                 handled

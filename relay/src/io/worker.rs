@@ -39,6 +39,9 @@ pub enum WorkerMsg {
         change: ControlChange,
         reply: Arc<ControlReply>,
     },
+    /// Answered once everything before it in this core's inbox has been handled and its
+    /// outputs handed on (tests and tools use it to know a core has caught up).
+    Barrier(crossbeam_channel::Sender<()>),
 }
 
 pub type Batch = Vec<WorkerMsg>;
@@ -573,15 +576,19 @@ impl Worker {
             loop {
                 let started = Instant::now();
                 let mut handled = 0;
+                let mut barriers = Vec::new();
                 while handled < INBOX_BATCHES_PER_TURN {
                     let Ok(batch) = self.inbox.try_recv() else {
                         break;
                     };
                     handled += 1;
-                    self.handle_batch(batch);
+                    self.handle_batch(batch, &mut barriers);
                 }
                 if !self.try_flush() {
                     self.flush_wake.notify_one();
+                }
+                for done in barriers {
+                    let _ = done.send(());
                 }
                 self.end_turn(started);
                 if handled < INBOX_BATCHES_PER_TURN {
@@ -596,12 +603,13 @@ impl Worker {
         }
     }
 
-    fn handle_batch(&self, batch: Batch) {
+    fn handle_batch(&self, batch: Batch, barriers: &mut Vec<crossbeam_channel::Sender<()>>) {
         let now = now_ms();
         for msg in batch {
             match msg {
                 WorkerMsg::Shard(input) => self.shard.borrow_mut().handle(now, input),
                 WorkerMsg::Conn(output) => self.apply(output),
+                WorkerMsg::Barrier(done) => barriers.push(done),
                 WorkerMsg::Control {
                     ticket,
                     change,
