@@ -12,13 +12,14 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use client::{
     Ack, AckStatus, ClientError, ConnectOptions, Connection, ContentType, DeviceId, DeviceList,
     DeviceSelection, E2eProtocol, Envelope, ErrorCode, Event, Inbound, MessageId, Receipt,
     ReceiptKind, Receiver, Role, Sender, Signal, SignalKind, connect,
 };
+use devkit::now_ms;
 use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::task::{JoinHandle, JoinSet};
@@ -67,13 +68,6 @@ pub struct Harness {
     identities: Arc<Identities>,
     next_phase: std::sync::atomic::AtomicU32,
     pub setup: SetupReport,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn agent() -> String {

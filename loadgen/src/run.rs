@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -238,12 +238,6 @@ fn check_args(args: &RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Everything the phases produced.
 pub(crate) struct Outcome {
     /// (role, result, parity) of each reported phase.
@@ -311,7 +305,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
         eprintln!("loadgen: warning: {message}");
     }
     let machine = Machine::probe();
-    let started_at = unix_now();
+    let started_at = devkit::now_ms() / 1000;
     let population_summary = population.summary();
     let ctx = Arc::new(Ctx::new(population, traffic, faults, args.seed));
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -10,13 +10,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use codec::{
     DeviceAddress, DeviceId, FrameDecoder, HeaderRef, Hello, NetworkId, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN, Role, UserId,
 };
+use devkit::now_ms;
 use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -122,13 +123,6 @@ async fn idle_session(
             return Err("closed before Welcome".into());
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Opens `count` idle sessions; returns them and the failures by reason.
