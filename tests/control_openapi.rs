@@ -856,7 +856,7 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 fn random_hex32() -> String {
-    client::control::hex(&random_bytes::<32>())
+    devkit::hex::hex(&random_bytes::<32>())
 }
 
 fn b64(bytes: &[u8]) -> String {

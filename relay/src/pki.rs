@@ -14,7 +14,7 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::core::auth::NetworkEntry;
 
-// Kept under this path: code and tests outside the crate call `relay::pki::sha256`.
+// Kept under this path: relay/tests call `relay::pki::sha256`.
 pub use devkit::hex::sha256;
 
 /// The development CA's name: a CA restored from `ca.key` must carry the same one.
