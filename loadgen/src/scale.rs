@@ -33,6 +33,7 @@ use crate::pki::Identities;
 use crate::relay_target::Harness;
 use crate::report::parity_of;
 use crate::stats::LatencySummary;
+use crate::target::Target;
 
 /// Idle sessions per source address (below the ~28,000 ephemeral ports of the default range).
 pub const SESSIONS_PER_SOURCE: u32 = 25_000;
