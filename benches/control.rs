@@ -65,7 +65,7 @@ fn setup() -> Setup {
         policy: Arc::new(Policy::new(true)),
         data_plane: Arc::new(NoDataPlane),
     };
-    let now = relay::io::now_ms();
+    let now = devkit::now_ms();
     // The claim limits are the relay's defence, not what is measured here.
     let settings = InteropSettings {
         key_claims_per_pair_per_day: u32::MAX,
@@ -86,7 +86,7 @@ fn setup() -> Setup {
 
 impl Setup {
     fn enlist(&self, user: UserAddress, phone: Option<String>) {
-        let at = relay::io::now_ms();
+        let at = devkit::now_ms();
         let key = &self.keys[usize::try_from(user.network.0 - 1).unwrap()];
         let model = ConsentModel::Everyone;
         let request = Enlistment {
@@ -145,7 +145,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("control");
     group.sample_size(20);
     // Each iteration a day later, so the rate limits (charged as usual) never refuse.
-    let mut clock = relay::io::now_ms();
+    let mut clock = devkit::now_ms();
     group.bench_function("discovery/bulk 1000 hashes (500 enlisted)", |b| {
         b.iter(|| {
             clock += 24 * 3600 * 1000;
@@ -203,7 +203,7 @@ fn bench(c: &mut Criterion) {
                     Caller::Network(NetworkId(1)),
                     partner,
                     claim,
-                    relay::io::now_ms(),
+                    devkit::now_ms(),
                 )
                 .unwrap()
         })

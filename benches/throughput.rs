@@ -386,7 +386,7 @@ fn relay_run(measure: Duration, users: u32, durability: Durability, enforce: boo
                             devices: DeviceSelection::All,
                             content_type: ContentType::Text,
                             e2e_protocol: E2eProtocol::Signal,
-                            timestamp_ms: relay::io::now_ms(),
+                            timestamp_ms: devkit::now_ms(),
                             ttl_seconds: 3600,
                             flags: 0,
                         };

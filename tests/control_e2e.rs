@@ -1193,7 +1193,7 @@ async fn malformed_paths_ids_and_device_sets_are_refused_in_json() {
     };
     let three = relay.new_network(3);
     let mut body = relay.partner_body(&three, "active");
-    body["cert_sha256"] = json!([client::control::hex(&relay::pki::sha256(&der))]);
+    body["cert_sha256"] = json!([devkit::hex::fingerprint_hex(&der)]);
     assert_error(
         &operator.post("/v1/partners", &body).await.unwrap(),
         409,

@@ -26,9 +26,7 @@ fn material(tag: &str, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
     let mut block = 0u32;
     while out.len() < len {
-        let digest =
-            ring::digest::digest(&ring::digest::SHA256, format!("{tag}/{block}").as_bytes());
-        out.extend_from_slice(digest.as_ref());
+        out.extend_from_slice(&devkit::hex::sha256(format!("{tag}/{block}").as_bytes()));
         block += 1;
     }
     out.truncate(len);

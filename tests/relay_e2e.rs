@@ -667,7 +667,7 @@ async fn a_trusted_certificate_registered_for_no_network_is_refused() {
             id: GATEKEEPER,
             name: "gatekeeper".into(),
             server_roles: vec![Role::GatekeeperServer],
-            cert_sha256: vec![relay::pki::sha256(registered.der())],
+            cert_sha256: vec![devkit::hex::sha256(registered.der())],
             token_public_key: None,
             client_ca_der: Vec::new(),
         }]);

@@ -21,7 +21,7 @@
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use client::control::{ControlClient, sign_consent, user_hex};
 use client::{
@@ -29,6 +29,7 @@ use client::{
     DeviceList, DeviceSelection, E2eProtocol, Envelope, ErrorCode, Event, Inbound, MessageId,
     NetworkId, Receipt, ReceiptKind, Role, UserAddress, UserId, connect,
 };
+use devkit::now_ms;
 
 /// How long to wait for each answer from the relay.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,13 +78,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// A random 128-bit message id.

@@ -1,10 +1,13 @@
 //! The command line: `loadgen [OPTIONS]` runs a scenario; `loadgen pki` writes identities and
 //! a relay configuration for N partners; `loadgen tune-check` compares the kernel with a
-//! tuning profile.
+//! tuning profile. Also the checks of the arguments that clap cannot make.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::phase::Faults;
 
 /// Load generator and SLA-parity report for Article 7 Relay.
 ///
@@ -237,4 +240,134 @@ pub struct RunArgs {
     /// prove a refused enlistment fails the run.
     #[arg(long, hide = true)]
     pub fault: Option<String>,
+}
+
+/// Where the traffic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAddr {
+    Relay(SocketAddr),
+    Mqtt(SocketAddr),
+}
+
+/// `--target`: `relay://IP:PORT` (or `IP:PORT`) or `mqtt://IP:PORT`, loopback only.
+pub fn parse_target(text: &str) -> Result<TargetAddr, String> {
+    let (scheme, rest) = text.split_once("://").unwrap_or(("relay", text));
+    let addr: SocketAddr = rest
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|e| format!("--target {text:?}: {e} (want relay://IP:PORT or mqtt://IP:PORT)"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "--target {text:?}: loadgen only sends to loopback addresses (127.0.0.0/8, ::1)"
+        ));
+    }
+    match scheme {
+        "relay" | "tls" => Ok(TargetAddr::Relay(addr)),
+        "mqtt" => Ok(TargetAddr::Mqtt(addr)),
+        other => Err(format!("--target: unknown scheme {other:?} (relay, mqtt)")),
+    }
+}
+
+/// `--fault`: `drop:N`, `dup:N` or `network-key`.
+pub fn parse_fault(text: Option<&str>) -> Result<Faults, String> {
+    let Some(text) = text else {
+        return Ok(Faults::default());
+    };
+    if text == "network-key" {
+        return Ok(Faults {
+            network_key_mismatch: true,
+            ..Faults::default()
+        });
+    }
+    let (kind, every) = text
+        .split_once(':')
+        .ok_or_else(|| format!("--fault {text:?}: drop:N, dup:N or network-key"))?;
+    let every: u64 = every
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("--fault {text:?}: N must be a positive integer"))?;
+    match kind {
+        "drop" => Ok(Faults {
+            drop_every: every,
+            ..Faults::default()
+        }),
+        "dup" | "duplicate" => Ok(Faults {
+            duplicate_every: every,
+            ..Faults::default()
+        }),
+        _ => Err(format!("--fault {text:?}: drop:N, dup:N or network-key")),
+    }
+}
+
+/// Checks what clap cannot: shares, rates and loopback-only addresses.
+pub fn check_args(args: &RunArgs) -> Result<(), String> {
+    let share = |name: &str, v: f64| {
+        if (0.0..=1.0).contains(&v) {
+            Ok(())
+        } else {
+            Err(format!("--{name}: a share between 0 and 1"))
+        }
+    };
+    share("interop-share", args.interop_share)?;
+    share("outbound-share", args.outbound_share)?;
+    share("typing-share", args.typing_share)?;
+    share("multi-device-share", args.multi_device_share)?;
+    share("offline-share", args.offline_share)?;
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err("--rate: a positive number of messages per second".into());
+    }
+    if args.duration.is_nan() || args.duration <= 0.0 {
+        return Err("--duration: positive seconds".into());
+    }
+    if args.threads == 0 {
+        return Err("--threads: at least 1".into());
+    }
+    if args.parity_bound < 1.0 {
+        return Err("--parity-bound: at least 1.0".into());
+    }
+    if !args.spawn && !args.no_enlist && !args.api.ip().is_loopback() {
+        return Err(format!(
+            "--api {}: loadgen only talks to loopback addresses (127.0.0.0/8, ::1)",
+            args.api
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_stay_on_loopback() {
+        assert_eq!(
+            parse_target("relay://127.0.0.1:7700").unwrap(),
+            TargetAddr::Relay("127.0.0.1:7700".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target("127.0.0.2:1").unwrap(),
+            TargetAddr::Relay("127.0.0.2:1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target("mqtt://127.0.0.1:1883").unwrap(),
+            TargetAddr::Mqtt("127.0.0.1:1883".parse().unwrap())
+        );
+        assert!(parse_target("mqtt://10.0.0.1:1883").is_err());
+        assert!(parse_target("http://127.0.0.1:1").is_err());
+        assert!(parse_target("relay://localhost").is_err());
+    }
+
+    #[test]
+    fn faults_parse() {
+        assert_eq!(parse_fault(Some("drop:7")).unwrap().drop_every, 7);
+        assert_eq!(parse_fault(Some("dup:3")).unwrap().duplicate_every, 3);
+        assert!(parse_fault(Some("drop:0")).is_err());
+        assert!(parse_fault(Some("lose:1")).is_err());
+        assert_eq!(parse_fault(None).unwrap().drop_every, 0);
+        let key = parse_fault(Some("network-key")).unwrap();
+        assert!(key.network_key_mismatch);
+        assert_eq!(key.drop_every + key.duplicate_every, 0);
+        assert!(!parse_fault(Some("drop:7")).unwrap().network_key_mismatch);
+    }
 }

@@ -12,11 +12,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use client::ClientTls;
 use client::control::{ApiResponse, ControlClient, sign_consent, user_hex};
 use codec::UserAddress;
+use devkit::now_ms;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -79,13 +80,6 @@ impl EnlistReport {
             json!({ "enlisted": false, "skipped": self.skipped })
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The API path of a user.

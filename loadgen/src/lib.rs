@@ -11,10 +11,13 @@
 //! [`maxrate`] (the `--max` search), [`report`] and [`html`] (JSON and HTML output),
 //! [`tune`] (tuning profiles), [`mqtt`]'s packet codec.
 //!
-//! IO shells: [`phase`] (the open-loop scheduler and drain), [`relay_target`] (client-SDK
-//! sessions), [`enlist`] (the population's enlistment through the relay's control API),
-//! [`mqtt`] (the broker driver), [`scale`] (idle connections), [`spawn`] (a relay
-//! process), [`pki`] (identities and relay config), [`run`] (the whole run).
+//! IO shells: [`phase`] (the open-loop scheduler and drain), [`target`] (what phases run
+//! against), [`sessions`] (what both targets share: session tasks, offline devices' comeback),
+//! [`relay_target`] (client-SDK sessions), [`enlist`] (the population's enlistment through
+//! the relay's control API), [`mqtt`] (the broker driver), [`scale`] (idle connections),
+//! [`spawn`] (a relay process), [`pki`] (identities and relay config), [`scenario`] (the
+//! phases of a run), [`run`] (the whole run, from the checked command line ([`cli`]) to the
+//! reports).
 
 pub mod cli;
 pub mod enlist;
@@ -33,6 +36,9 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod scale;
+pub mod scenario;
+pub mod sessions;
 pub mod spawn;
 pub mod stats;
+pub mod target;
 pub mod tune;

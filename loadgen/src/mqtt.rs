@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -24,18 +24,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::cli::RunArgs;
 use crate::ledger::AckOutcome;
 use crate::parity::ParityConfig;
 use crate::payload::{HEADER_BYTES, PAYLOAD_BYTES_MAX, PayloadHeader};
-use crate::phase::{
-    Batch, Cmd, ConnTx, Ctx, Inbox, PhaseResult, PhaseSlot, PhaseSpec, Routes, run_phase,
-};
+use crate::phase::{Batch, Cmd, ConnTx, Ctx, Inbox, PhaseResult, PhaseSlot, PhaseSpec};
 use crate::population::Architecture;
-use crate::rng::mix64;
-use crate::run::{Outcome, Target, scenario};
+use crate::scenario::{Outcome, scenario};
+use crate::sessions::{Connector, Sessions, Tasks, server_session_of};
+use crate::target::Target;
 
 /// Payload tags besides the envelope's `A7LG`.
 const RECEIPT_MAGIC: &[u8; 4] = b"A7RC";
@@ -398,16 +397,27 @@ async fn open(addr: SocketAddr, client_id: &str, topics: &[String]) -> Result<Mq
 
 /// The MQTT counterpart of the relay harness.
 pub struct MqttHarness {
-    ctx: Arc<Ctx>,
-    slot: PhaseSlot,
-    conns: Vec<ConnTx>,
-    sender_conn: Vec<u32>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    offline: Mutex<Vec<u32>>,
-    addr: SocketAddr,
-    run_tag: String,
-    next_phase: std::sync::atomic::AtomicU32,
+    sessions: Sessions<DeviceConnector>,
     setup: Value,
+}
+
+/// Opens a device's persistent session (subscribed to its topic) and runs it.
+struct DeviceConnector {
+    addr: SocketAddr,
+    /// Makes this run's client ids its own.
+    run_tag: String,
+}
+
+impl Connector for DeviceConnector {
+    type Conn = MqttConn;
+
+    async fn open_devices(&self, ctx: &Arc<Ctx>, devices: &[u32]) -> Result<Vec<MqttConn>, String> {
+        open_devices(ctx, self.addr, &self.run_tag, devices).await
+    }
+
+    fn spawn(&self, ctx: &Arc<Ctx>, slot: &PhaseSlot, tasks: &Tasks, conn: MqttConn) -> ConnTx {
+        spawn_conn(ctx, slot, tasks, conn)
+    }
 }
 
 impl MqttHarness {
@@ -427,8 +437,7 @@ impl MqttHarness {
             for user in network.first_user..network.first_user + network.users {
                 for number in 1..=population.device_count(user) {
                     let device = population.device_index(user, number);
-                    let i = u32::try_from(mix64(u64::from(device)) % u64::from(per_network))
-                        .unwrap_or(0);
+                    let i = server_session_of(device, per_network);
                     sender_conn[device as usize] = base + i;
                     topics[i as usize].push(topic(&population.device_address(device)));
                 }
@@ -455,108 +464,26 @@ impl MqttHarness {
                 conns_setup.push(conn);
             }
         }
-        for device in 0..population.devices() {
-            if !population.is_offline(device) {
-                ctx.set_online(device);
-            }
-        }
-        let slot = PhaseSlot::default();
-        let tasks = Arc::new(Mutex::new(Vec::new()));
-        let conns = conns_setup
-            .into_iter()
-            .map(|c| spawn_conn(&ctx, &slot, &tasks, c))
-            .collect();
+        let offline_devices = offline.len();
+        let connector = DeviceConnector { addr, run_tag };
+        let sessions = Sessions::start(ctx, connector, conns_setup, sender_conn, offline);
         let setup = serde_json::json!({
             "server_sessions": server_sessions,
-            "device_sessions": direct.len() - offline.len(),
-            "offline_devices": offline.len(),
+            "device_sessions": direct.len() - offline_devices,
+            "offline_devices": offline_devices,
             "setup_s": started.elapsed().as_secs_f64(),
         });
-        Ok(MqttHarness {
-            ctx,
-            slot,
-            conns,
-            sender_conn,
-            tasks,
-            offline: Mutex::new(offline),
-            addr,
-            run_tag,
-            next_phase: std::sync::atomic::AtomicU32::new(1),
-            setup,
-        })
+        Ok(MqttHarness { sessions, setup })
     }
 
     pub async fn close(self) {
-        drop(self.conns);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let tasks = std::mem::take(
-            &mut *self
-                .tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for task in tasks {
-            task.abort();
-        }
+        self.sessions.close().await;
     }
 }
 
 impl Target for MqttHarness {
     async fn run_phase(&self, spec: &PhaseSpec, offline_return: Option<Duration>) -> PhaseResult {
-        let index = self
-            .next_phase
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let returning: Vec<u32> = match offline_return {
-            Some(_) => std::mem::take(
-                &mut *self
-                    .offline
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            ),
-            None => Vec::new(),
-        };
-        let comeback = (!returning.is_empty()).then(|| {
-            let (ctx, slot, tasks, addr, tag) = (
-                self.ctx.clone(),
-                self.slot.clone(),
-                self.tasks.clone(),
-                self.addr,
-                self.run_tag.clone(),
-            );
-            let delay = offline_return.unwrap_or_default();
-            let spread = spec.duration.mul_f64(0.25);
-            tokio::spawn(async move {
-                let start = Instant::now() + delay;
-                let count = u32::try_from(returning.len()).unwrap_or(1).max(1);
-                for (i, device) in returning.iter().enumerate() {
-                    let at = start + spread * u32::try_from(i).unwrap_or(0) / count;
-                    tokio::time::sleep_until(at.into()).await;
-                    match open_devices(&ctx, addr, &tag, &[*device]).await {
-                        Ok(sessions) => {
-                            for conn in sessions {
-                                ctx.set_online(*device);
-                                let _ = spawn_conn(&ctx, &slot, &tasks, conn);
-                            }
-                        }
-                        Err(e) => {
-                            if let Some(p) = slot.current() {
-                                p.stats
-                                    .error_other(format!("offline device reconnect: {e}"));
-                            }
-                        }
-                    }
-                }
-            })
-        });
-        let routes = Routes {
-            conns: &self.conns,
-            sender_conn: &self.sender_conn,
-        };
-        let result = run_phase(&self.ctx, &self.slot, &routes, spec, index).await;
-        if let Some(handle) = comeback {
-            let _ = handle.await;
-        }
-        result
+        self.sessions.run_phase(spec, offline_return).await
     }
 }
 
@@ -586,12 +513,7 @@ async fn open_devices(
     Ok(out.into_iter().flatten().collect())
 }
 
-fn spawn_conn(
-    ctx: &Arc<Ctx>,
-    slot: &PhaseSlot,
-    tasks: &Arc<Mutex<Vec<JoinHandle<()>>>>,
-    conn: MqttConn,
-) -> ConnTx {
+fn spawn_conn(ctx: &Arc<Ctx>, slot: &PhaseSlot, tasks: &Tasks, conn: MqttConn) -> ConnTx {
     let (read, write) = conn.stream.into_split();
     let (tx, rx) = unbounded_channel();
     let writer = tokio::spawn(writer(ctx.clone(), slot.clone(), write, rx));

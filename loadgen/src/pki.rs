@@ -9,10 +9,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use client::ClientTls;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use devkit::hex::fingerprint_hex;
+use devkit::pki::{DevCa, RELAY_DEV_NETWORKS, token_key, token_public_key};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
@@ -79,41 +77,13 @@ impl Identities {
     /// A fresh CA, server certificate (for `localhost` and 127.0.0.1) and per-network
     /// identities.
     pub fn generate(networks: &[NetworkRequest]) -> Result<(Identities, ServerIdentity), String> {
-        let ca_key = KeyPair::generate().map_err(err)?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "loadgen CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let server_key = KeyPair::generate().map_err(err)?;
-        let mut server_params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .map_err(err)?;
-        server_params
-            .distinguished_name
-            .push(DnType::CommonName, "relay");
-        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = server_params.signed_by(&server_key, &issuer).map_err(err)?;
-
+        let (ca, ca_pem) = DevCa::generate("loadgen CA")?;
+        let server = ca.issue_server()?;
         let mut identities = Vec::new();
         for request in networks {
             let (cert_pem, key_pem) = if request.server_role.is_some() {
-                let key = KeyPair::generate().map_err(err)?;
-                let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-                params
-                    .distinguished_name
-                    .push(DnType::CommonName, request.name.as_str());
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-                let cert = params.signed_by(&key, &issuer).map_err(err)?;
-                (Some(cert.pem()), Some(key.serialize_pem()))
+                let issued = ca.issue_client(&request.name)?;
+                (Some(issued.cert_pem), Some(issued.key_pem))
             } else {
                 (None, None)
             };
@@ -123,18 +93,18 @@ impl Identities {
                 server_role: request.server_role.map(str::to_string),
                 cert_pem,
                 key_pem,
-                token_key_pkcs8: client::generate_network_key(),
+                token_key_pkcs8: token_key()?,
             });
         }
         Ok((
             Identities {
-                ca_pem: ca_cert.pem(),
+                ca_pem,
                 networks: identities,
                 server_name: "localhost".to_string(),
             },
             ServerIdentity {
-                cert_pem: server_cert.pem(),
-                key_pem: server_key.serialize_pem(),
+                cert_pem: server.cert_pem,
+                key_pem: server.key_pem,
             },
         ))
     }
@@ -193,7 +163,7 @@ impl Identities {
             let stem = format!("network-{}", network.id);
             let token_name = format!("{stem}-token.pk8");
             write(&token_name, &network.token_key_pkcs8)?;
-            let public = client::network_public_key(&network.token_key_pkcs8).map_err(err)?;
+            let public = token_public_key(&network.token_key_pkcs8)?;
             let _ = writeln!(toml, "\n[[networks]]");
             let _ = writeln!(toml, "id = {}", network.id);
             let _ = writeln!(toml, "name = {:?}", network.name);
@@ -207,11 +177,11 @@ impl Identities {
                 write(&k, key.as_bytes())?;
                 let der = CertificateDer::from_pem_slice(cert.as_bytes()).map_err(err)?;
                 let _ = writeln!(toml, "server_roles = [{role:?}]");
-                let _ = writeln!(toml, "client_cert_sha256 = [{:?}]", hex(&sha256(&der)));
+                let _ = writeln!(toml, "client_cert_sha256 = [{:?}]", fingerprint_hex(&der));
                 cert_name = Some(c);
                 key_name = Some(k);
             }
-            let _ = writeln!(toml, "token_public_key = {:?}", hex(&public));
+            let _ = writeln!(toml, "token_public_key = {:?}", devkit::hex::hex(&public));
             manifest.networks.push(ManifestNetwork {
                 id: network.id,
                 name: network.name.clone(),
@@ -256,23 +226,23 @@ impl Identities {
                 server_name: manifest.server_name,
             });
         }
-        let dev =
-            |id: u32, stem: &str, name: &str, role: &str| -> Result<NetworkIdentity, String> {
+        let networks = RELAY_DEV_NETWORKS
+            .iter()
+            .map(|network| {
+                let stem = network.stem;
                 Ok(NetworkIdentity {
-                    id,
-                    name: name.to_string(),
-                    server_role: Some(role.to_string()),
+                    id: network.id,
+                    name: network.name.to_string(),
+                    server_role: Some(network.server_role().to_string()),
                     cert_pem: Some(text(&format!("{stem}.pem"))?),
                     key_pem: Some(text(&format!("{stem}.key"))?),
                     token_key_pkcs8: read(&format!("{stem}-token.pk8"))?,
                 })
-            };
+            })
+            .collect::<Result<_, String>>()?;
         Ok(Identities {
             ca_pem,
-            networks: vec![
-                dev(1, "gatekeeper", "gatekeeper", "gatekeeper_server")?,
-                dev(2, "partner", "demo-partner", "partner_server")?,
-            ],
+            networks,
             server_name: "localhost".to_string(),
         })
     }
@@ -303,20 +273,6 @@ impl Identities {
     pub fn device_tls(&self) -> Result<ClientTls, String> {
         ClientTls::from_pem(self.ca_pem.as_bytes(), None).map_err(err)
     }
-}
-
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

@@ -11,26 +11,26 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use client::{
     Ack, AckStatus, ClientError, ConnectOptions, Connection, ContentType, DeviceId, DeviceList,
     DeviceSelection, E2eProtocol, Envelope, ErrorCode, Event, Inbound, MessageId, Receipt,
     ReceiptKind, Receiver, Role, Sender, Signal, SignalKind, connect,
 };
+use devkit::now_ms;
 use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::ledger::AckOutcome;
 use crate::payload::{IdKind, PAYLOAD_BYTES_MAX, PayloadHeader};
-use crate::phase::{
-    Batch, Cmd, ConnTx, Ctx, Inbox, PhaseResult, PhaseSlot, PhaseSpec, Routes, run_phase,
-};
+use crate::phase::{Batch, Cmd, ConnTx, Ctx, Inbox, PhaseResult, PhaseSlot, PhaseSpec};
 use crate::pki::Identities;
 use crate::population::Architecture;
-use crate::rng::mix64;
+use crate::sessions::{Connector, Sessions, Tasks, server_session_of};
+use crate::target::Target;
 
 /// Sessions connecting at once during setup.
 const CONNECT_CONCURRENCY: usize = 64;
@@ -40,8 +40,6 @@ const DEVICE_LIST_WINDOW: u32 = 512;
 const RETRY_MIN: Duration = Duration::from_millis(2);
 /// Token lifetime.
 const TOKEN_LIFETIME_MS: u64 = 24 * 3600 * 1000;
-/// Offline devices come back spread over this share of the phase's duration.
-const OFFLINE_RETURN_SPREAD: f64 = 0.25;
 /// A reader hands its batch to the writer at least this often (frames).
 const READER_BATCH_MAX: usize = 256;
 
@@ -57,23 +55,30 @@ pub struct SetupReport {
 
 /// Connections to a relay for the whole population, and the phases run over them.
 pub struct Harness {
-    pub ctx: Arc<Ctx>,
-    pub slot: PhaseSlot,
-    conns: Vec<ConnTx>,
-    sender_conn: Vec<u32>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    offline: Mutex<Vec<u32>>,
-    addr: SocketAddr,
-    identities: Arc<Identities>,
-    next_phase: std::sync::atomic::AtomicU32,
+    sessions: Sessions<DeviceConnector>,
     pub setup: SetupReport,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+/// Opens device sessions (a token each) and runs them with the client SDK.
+struct DeviceConnector {
+    addr: SocketAddr,
+    identities: Arc<Identities>,
+}
+
+impl Connector for DeviceConnector {
+    type Conn = Connection;
+
+    async fn open_devices(
+        &self,
+        ctx: &Arc<Ctx>,
+        devices: &[u32],
+    ) -> Result<Vec<Connection>, String> {
+        connect_devices(ctx, self.addr, &self.identities, devices).await
+    }
+
+    fn spawn(&self, ctx: &Arc<Ctx>, slot: &PhaseSlot, tasks: &Tasks, conn: Connection) -> ConnTx {
+        spawn_session(ctx, slot, tasks, conn)
+    }
 }
 
 fn agent() -> String {
@@ -122,9 +127,7 @@ impl Harness {
             for user in network.first_user..network.first_user + network.users {
                 for number in 1..=population.device_count(user) {
                     let device = population.device_index(user, number);
-                    sender_conn[device as usize] = base
-                        + u32::try_from(mix64(u64::from(device)) % u64::from(per_network))
-                            .unwrap_or(0);
+                    sender_conn[device as usize] = base + server_session_of(device, per_network);
                 }
             }
         }
@@ -147,110 +150,21 @@ impl Harness {
                 setup.device_sessions += 1;
             }
         }
-        for device in 0..population.devices() {
-            if !population.is_offline(device) {
-                ctx.set_online(device);
-            }
-        }
-        let slot = PhaseSlot::default();
-        let tasks = Arc::new(Mutex::new(Vec::new()));
-        let mut conns = Vec::new();
-        for connection in connections {
-            conns.push(spawn_session(&ctx, &slot, &tasks, connection));
-        }
+        let connector = DeviceConnector { addr, identities };
+        let sessions = Sessions::start(ctx, connector, connections, sender_conn, offline);
         setup.setup_s = started.elapsed().as_secs_f64();
-        Ok(Harness {
-            ctx,
-            slot,
-            conns,
-            sender_conn,
-            tasks,
-            offline: Mutex::new(offline),
-            addr,
-            identities,
-            next_phase: std::sync::atomic::AtomicU32::new(1),
-            setup,
-        })
-    }
-
-    /// Runs one phase. With `offline_return`, the offline devices reconnect that long after
-    /// the phase starts (once per run).
-    pub async fn run_phase(
-        &self,
-        spec: &PhaseSpec,
-        offline_return: Option<Duration>,
-    ) -> PhaseResult {
-        let index = self
-            .next_phase
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let returning: Vec<u32> = match offline_return {
-            Some(_) => std::mem::take(
-                &mut *self
-                    .offline
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            ),
-            None => Vec::new(),
-        };
-        let comeback = if returning.is_empty() {
-            None
-        } else {
-            let ctx = self.ctx.clone();
-            let slot = self.slot.clone();
-            let tasks = self.tasks.clone();
-            let identities = self.identities.clone();
-            let addr = self.addr;
-            let delay = offline_return.unwrap_or_default();
-            // They come back one by one, spread over `OFFLINE_RETURN_SPREAD` of the phase,
-            // as devices do; all at once would be a reconnect storm, another scenario.
-            let spread = spec.duration.mul_f64(OFFLINE_RETURN_SPREAD);
-            Some(tokio::spawn(async move {
-                let start = Instant::now() + delay;
-                let count = u32::try_from(returning.len()).unwrap_or(u32::MAX).max(1);
-                for (i, device) in returning.iter().enumerate() {
-                    let at = start + spread * u32::try_from(i).unwrap_or(0) / count;
-                    tokio::time::sleep_until(at.into()).await;
-                    match connect_devices(&ctx, addr, &identities, &[*device]).await {
-                        Ok(sessions) => {
-                            for connection in sessions {
-                                ctx.set_online(*device);
-                                let _ = spawn_session(&ctx, &slot, &tasks, connection);
-                            }
-                        }
-                        Err(e) => {
-                            if let Some(p) = slot.current() {
-                                p.stats
-                                    .error_other(format!("offline device reconnect: {e}"));
-                            }
-                        }
-                    }
-                }
-            }))
-        };
-        let routes = Routes {
-            conns: &self.conns,
-            sender_conn: &self.sender_conn,
-        };
-        let result = run_phase(&self.ctx, &self.slot, &routes, spec, index).await;
-        if let Some(handle) = comeback {
-            let _ = handle.await;
-        }
-        result
+        Ok(Harness { sessions, setup })
     }
 
     /// Closes every session.
     pub async fn close(self) {
-        drop(self.conns);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let tasks = std::mem::take(
-            &mut *self
-                .tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for task in tasks {
-            task.abort();
-        }
+        self.sessions.close().await;
+    }
+}
+
+impl Target for Harness {
+    async fn run_phase(&self, spec: &PhaseSpec, offline_return: Option<Duration>) -> PhaseResult {
+        self.sessions.run_phase(spec, offline_return).await
     }
 }
 
@@ -355,7 +269,7 @@ async fn connect_devices(
 fn spawn_session(
     ctx: &Arc<Ctx>,
     slot: &PhaseSlot,
-    tasks: &Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tasks: &Tasks,
     connection: Connection,
 ) -> ConnTx {
     let in_flight_max = connection.welcome().limits.frames_in_flight_max.max(1);

@@ -1,25 +1,25 @@
-//! A whole run: parse and check the arguments, set up the target (spawning a relay with its
-//! own PKI if asked), run the phases of the chosen mode, and write the reports.
+//! A whole run: check the arguments, set up the target (spawning a relay with its own PKI if
+//! asked), run the phases of the chosen mode ([`crate::scenario`]), and write the reports.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::{Cli, Command, RunArgs, TargetAddr, check_args, parse_fault, parse_target};
 use crate::enlist::EnlistReport;
 use crate::machine::{Machine, raise_nofile};
-use crate::maxrate::MaxSearch;
-use crate::parity::{Parity, ParityConfig, Scope};
+use crate::parity::{ParityConfig, Scope};
 use crate::payload::SizeMix;
-use crate::phase::{Ctx, Faults, PhaseResult, PhaseSpec, Traffic};
+use crate::phase::{Ctx, Traffic};
 use crate::pki::{Identities, NetworkRequest};
 use crate::population::{Population, PopulationSpec};
 use crate::relay_target::Harness;
-use crate::report::{one_line, parity_of, phase_json};
+use crate::report::{one_line, phase_json};
+use crate::scenario::{Outcome, scenario};
 use crate::spawn::{SpawnedRelay, find_relay_binary};
 
 /// Exit status when something acknowledged was lost, duplicated, reordered or damaged.
@@ -28,21 +28,6 @@ pub const EXIT_INTEGRITY: u8 = 1;
 pub const EXIT_SETUP: u8 = 2;
 /// Exit status when the run was intact but parity failed.
 pub const EXIT_PARITY: u8 = 3;
-
-/// A target loadgen can run phases against.
-pub(crate) trait Target {
-    fn run_phase(
-        &self,
-        spec: &PhaseSpec,
-        offline_return: Option<Duration>,
-    ) -> impl std::future::Future<Output = PhaseResult>;
-}
-
-impl Target for Harness {
-    async fn run_phase(&self, spec: &PhaseSpec, offline_return: Option<Duration>) -> PhaseResult {
-        Harness::run_phase(self, spec, offline_return).await
-    }
-}
 
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
@@ -148,116 +133,6 @@ fn write_pki(out: &Path, partners: u32, idle_network: bool) -> Result<PathBuf, S
     identities.write(&server, out, &out.join("data"), &[])
 }
 
-/// Where the traffic goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetAddr {
-    Relay(SocketAddr),
-    Mqtt(SocketAddr),
-}
-
-pub fn parse_target(text: &str) -> Result<TargetAddr, String> {
-    let (scheme, rest) = text.split_once("://").unwrap_or(("relay", text));
-    let addr: SocketAddr = rest
-        .trim_end_matches('/')
-        .parse()
-        .map_err(|e| format!("--target {text:?}: {e} (want relay://IP:PORT or mqtt://IP:PORT)"))?;
-    if !addr.ip().is_loopback() {
-        return Err(format!(
-            "--target {text:?}: loadgen only sends to loopback addresses (127.0.0.0/8, ::1)"
-        ));
-    }
-    match scheme {
-        "relay" | "tls" => Ok(TargetAddr::Relay(addr)),
-        "mqtt" => Ok(TargetAddr::Mqtt(addr)),
-        other => Err(format!("--target: unknown scheme {other:?} (relay, mqtt)")),
-    }
-}
-
-fn parse_fault(text: Option<&str>) -> Result<Faults, String> {
-    let Some(text) = text else {
-        return Ok(Faults::default());
-    };
-    if text == "network-key" {
-        return Ok(Faults {
-            network_key_mismatch: true,
-            ..Faults::default()
-        });
-    }
-    let (kind, every) = text
-        .split_once(':')
-        .ok_or_else(|| format!("--fault {text:?}: drop:N, dup:N or network-key"))?;
-    let every: u64 = every
-        .parse()
-        .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("--fault {text:?}: N must be a positive integer"))?;
-    match kind {
-        "drop" => Ok(Faults {
-            drop_every: every,
-            ..Faults::default()
-        }),
-        "dup" | "duplicate" => Ok(Faults {
-            duplicate_every: every,
-            ..Faults::default()
-        }),
-        _ => Err(format!("--fault {text:?}: drop:N, dup:N or network-key")),
-    }
-}
-
-fn check_args(args: &RunArgs) -> Result<(), String> {
-    let share = |name: &str, v: f64| {
-        if (0.0..=1.0).contains(&v) {
-            Ok(())
-        } else {
-            Err(format!("--{name}: a share between 0 and 1"))
-        }
-    };
-    share("interop-share", args.interop_share)?;
-    share("outbound-share", args.outbound_share)?;
-    share("typing-share", args.typing_share)?;
-    share("multi-device-share", args.multi_device_share)?;
-    share("offline-share", args.offline_share)?;
-    if !(args.rate > 0.0 && args.rate.is_finite()) {
-        return Err("--rate: a positive number of messages per second".into());
-    }
-    if args.duration.is_nan() || args.duration <= 0.0 {
-        return Err("--duration: positive seconds".into());
-    }
-    if args.threads == 0 {
-        return Err("--threads: at least 1".into());
-    }
-    if args.parity_bound < 1.0 {
-        return Err("--parity-bound: at least 1.0".into());
-    }
-    if !args.spawn && !args.no_enlist && !args.api.ip().is_loopback() {
-        return Err(format!(
-            "--api {}: loadgen only talks to loopback addresses (127.0.0.0/8, ::1)",
-            args.api
-        ));
-    }
-    Ok(())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Everything the phases produced.
-pub(crate) struct Outcome {
-    /// (role, result, parity) of each reported phase.
-    pub phases: Vec<(String, PhaseResult, Parity)>,
-    pub main: usize,
-    pub overload: Option<usize>,
-    pub max: Option<MaxSearch>,
-    pub scale: Option<Value>,
-    pub setup: Value,
-    pub relay: Value,
-    /// What enlisting the population did ([`crate::enlist::EnlistReport`]).
-    pub enlistment: Value,
-}
-
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
     check_args(args)?;
     let target = parse_target(&args.target)?;
@@ -311,7 +186,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
         eprintln!("loadgen: warning: {message}");
     }
     let machine = Machine::probe();
-    let started_at = unix_now();
+    let started_at = devkit::now_ms() / 1000;
     let population_summary = population.summary();
     let ctx = Arc::new(Ctx::new(population, traffic, faults, args.seed));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -513,115 +388,6 @@ fn run_relay(
     Ok(outcome)
 }
 
-/// Runs the phases of the chosen mode.
-pub(crate) async fn scenario<T: Target>(
-    target: &T,
-    args: &RunArgs,
-    parity: &ParityConfig,
-) -> Outcome {
-    let drain = Duration::from_secs_f64(args.drain_s);
-    let duration = Duration::from_secs_f64(args.duration);
-    let offline_return = Some(Duration::from_secs_f64(
-        args.offline_return_s.unwrap_or(args.duration / 2.0),
-    ));
-    let phase = |name: &str, rate: f64, duration: Duration| PhaseSpec {
-        name: name.to_string(),
-        rate_per_s: rate,
-        duration,
-        drain,
-    };
-    let warmup_rate = if args.max { args.max_start } else { args.rate };
-    // With --max, offline devices come back during the warmup, so that the steps (and the
-    // parity run) measure a steady state rather than the catch-up of queued messages.
-    let warmup = Duration::from_secs_f64(args.warmup);
-    if args.warmup > 0.0 || args.max {
-        let warmup = warmup.max(Duration::from_secs(1));
-        let spec = phase("warmup", warmup_rate, warmup);
-        let back = args.max.then_some(warmup / 4);
-        let _ = target.run_phase(&spec, back).await;
-    }
-    let mut phases = Vec::new();
-    let mut search = None;
-    let base_rate = if args.max {
-        let mut s = MaxSearch::new(
-            args.max_start,
-            crate::rng::saturating_u64(args.p99_bound_ms * 1000.0),
-            args.max_precision,
-            args.max_steps,
-        );
-        let step = Duration::from_secs_f64(args.max_step_s);
-        let mut n = 0;
-        while let Some(rate) = s.next_rate() {
-            n += 1;
-            let result = target
-                .run_phase(&phase(&format!("step-{n}"), rate, step), None)
-                .await;
-            let all = crate::stats::LatencySummary::of(&result.latencies.all());
-            let total = result.tally.total();
-            let outcome = s.judge(
-                rate,
-                all.p99,
-                result.tally.intact(),
-                total.unsent,
-                total.rejected,
-                result.settled,
-            );
-            if let Some(p) = outcome
-                .held
-                .then_some(())
-                .map(|()| "held")
-                .or(Some("failed"))
-            {
-                eprintln!(
-                    "max: step {n} at {rate:.0}/s: p99 {} {p}",
-                    crate::phase::format_us(all.p99)
-                );
-            }
-            s.observe(outcome);
-            let verdict = parity_of(&result, parity);
-            phases.push(("max-step".to_string(), result, verdict));
-        }
-        let found = s.result().unwrap_or(args.max_start / 2.0);
-        search = Some(s);
-        found * 0.5
-    } else {
-        args.rate
-    };
-    let main_name = if args.max { "parity" } else { "main" };
-    let back = if args.max { None } else { offline_return };
-    let result = target
-        .run_phase(&phase(main_name, base_rate, duration), back)
-        .await;
-    let verdict = parity_of(&result, parity);
-    phases.push(("main".to_string(), result, verdict));
-    let main = phases.len() - 1;
-    let factor = args.overload_factor.or(args.max.then_some(3.0));
-    let mut overload = None;
-    if let Some(factor) = factor {
-        let rate = if args.max {
-            base_rate * 2.0 * factor
-        } else {
-            base_rate * factor
-        };
-        let result = target
-            .run_phase(&phase("overload", rate, duration), None)
-            .await;
-        let verdict = parity_of(&result, parity);
-        phases.push(("overload".to_string(), result, verdict));
-        overload = Some(phases.len() - 1);
-    }
-    Outcome {
-        phases,
-        main,
-        overload,
-        max: search,
-        scale: None,
-        setup: Value::Null,
-        relay: Value::Null,
-        enlistment: Value::Null,
-    }
-}
-
 fn assemble(
     args: &RunArgs,
     parity_config: &ParityConfig,
@@ -727,41 +493,4 @@ fn config_json(args: &RunArgs, ctx: &Ctx) -> Value {
         "seed": args.seed,
         "faults": ctx.faults,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_parse_and_stay_on_loopback() {
-        assert_eq!(
-            parse_target("relay://127.0.0.1:7700").unwrap(),
-            TargetAddr::Relay("127.0.0.1:7700".parse().unwrap())
-        );
-        assert_eq!(
-            parse_target("127.0.0.2:1").unwrap(),
-            TargetAddr::Relay("127.0.0.2:1".parse().unwrap())
-        );
-        assert_eq!(
-            parse_target("mqtt://127.0.0.1:1883").unwrap(),
-            TargetAddr::Mqtt("127.0.0.1:1883".parse().unwrap())
-        );
-        assert!(parse_target("mqtt://10.0.0.1:1883").is_err());
-        assert!(parse_target("http://127.0.0.1:1").is_err());
-        assert!(parse_target("relay://localhost").is_err());
-    }
-
-    #[test]
-    fn faults_parse() {
-        assert_eq!(parse_fault(Some("drop:7")).unwrap().drop_every, 7);
-        assert_eq!(parse_fault(Some("dup:3")).unwrap().duplicate_every, 3);
-        assert!(parse_fault(Some("drop:0")).is_err());
-        assert!(parse_fault(Some("lose:1")).is_err());
-        assert_eq!(parse_fault(None).unwrap().drop_every, 0);
-        let key = parse_fault(Some("network-key")).unwrap();
-        assert!(key.network_key_mismatch);
-        assert_eq!(key.drop_every + key.duplicate_every, 0);
-        assert!(!parse_fault(Some("drop:7")).unwrap().network_key_mismatch);
-    }
 }

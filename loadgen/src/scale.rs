@@ -10,13 +10,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use codec::{
     DeviceAddress, DeviceId, FrameDecoder, HeaderRef, Hello, NetworkId, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN, Role, UserId,
 };
+use devkit::now_ms;
 use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,6 +33,7 @@ use crate::pki::Identities;
 use crate::relay_target::Harness;
 use crate::report::parity_of;
 use crate::stats::LatencySummary;
+use crate::target::Target;
 
 /// Idle sessions per source address (below the ~28,000 ephemeral ports of the default range).
 pub const SESSIONS_PER_SOURCE: u32 = 25_000;
@@ -122,13 +124,6 @@ async fn idle_session(
             return Err("closed before Welcome".into());
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Opens `count` idle sessions; returns them and the failures by reason.

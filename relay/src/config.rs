@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use codec::{NetworkId, Role};
+use devkit::hex::parse_hex32;
 use serde::Deserialize;
 
 use crate::control::InteropSettings;
@@ -213,7 +214,7 @@ fn network_entry(index: usize, n: NetworkFile) -> Result<NetworkEntry, String> {
         .client_cert_sha256
         .iter()
         .map(|hex| {
-            parse_hex32(hex).ok_or_else(|| {
+            parse_hex32(hex.trim()).ok_or_else(|| {
                 format!(
                     "{}: {hex:?} is not 64 hex digits",
                     key("client_cert_sha256")
@@ -223,7 +224,7 @@ fn network_entry(index: usize, n: NetworkFile) -> Result<NetworkEntry, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let token_public_key = match &n.token_public_key {
         None => None,
-        Some(hex) => Some(parse_hex32(hex).ok_or_else(|| {
+        Some(hex) => Some(parse_hex32(hex.trim()).ok_or_else(|| {
             format!(
                 "{}: not 64 hex digits (an Ed25519 public key)",
                 key("token_public_key")
@@ -253,18 +254,6 @@ fn network_entry(index: usize, n: NetworkFile) -> Result<NetworkEntry, String> {
         token_public_key,
         client_ca_der: Vec::new(),
     })
-}
-
-fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

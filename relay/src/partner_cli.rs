@@ -161,7 +161,7 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
             for file in cert_file {
                 let cert = CertificateDer::from_pem_file(&file)
                     .map_err(|e| format!("{}: {e}", file.display()))?;
-                cert_sha256.push(client::control::hex(&relay::pki::sha256(&cert)));
+                cert_sha256.push(devkit::hex::fingerprint_hex(&cert));
             }
             let token_key = match (token_key, token_key_file) {
                 (Some(key), _) => Some(key),

@@ -8,38 +8,28 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use codec::{NetworkId, Role};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair as _};
+use devkit::pki::{DevCa, RELAY_DEV_NETWORKS};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::core::auth::NetworkEntry;
 
+// Kept under this path: relay/tests call `relay::pki::sha256`.
+pub use devkit::hex::sha256;
+
+/// The development CA's name: a CA restored from `ca.key` must carry the same one.
+const CA_NAME: &str = "Article 7 Relay development CA";
+
 /// The gatekeeper network of the development PKI.
-pub const DEV_GATEKEEPER: NetworkId = NetworkId(1);
+pub const DEV_GATEKEEPER: NetworkId = NetworkId(RELAY_DEV_NETWORKS[0].id);
 /// The demo partner network of the development PKI.
-pub const DEV_PARTNER: NetworkId = NetworkId(2);
+pub const DEV_PARTNER: NetworkId = NetworkId(RELAY_DEV_NETWORKS[1].id);
 
 /// Paths of the development PKI's files.
 #[derive(Debug, Clone)]
 pub struct DevPki {
     pub dir: PathBuf,
 }
-
-/// (file stem, network, name, server role) of each client identity the dev PKI issues.
-const CLIENTS: [(&str, NetworkId, &str, Role); 2] = [
-    (
-        "gatekeeper",
-        DEV_GATEKEEPER,
-        "gatekeeper",
-        Role::GatekeeperServer,
-    ),
-    ("partner", DEV_PARTNER, "demo-partner", Role::PartnerServer),
-];
 
 impl DevPki {
     pub fn ca_cert(&self) -> PathBuf {
@@ -81,56 +71,25 @@ impl DevPki {
         Ok(pki)
     }
 
-    fn generate(&self) -> Result<(), Box<dyn std::error::Error>> {
-        let ca_key = KeyPair::generate()?;
-        let ca_params = ca_params()?;
-        let ca_cert = ca_params.self_signed(&ca_key)?;
+    fn generate(&self) -> Result<(), String> {
+        let (ca, ca_pem) = DevCa::generate(CA_NAME)?;
         // Kept (0600) so that more development identities can be issued later
         // (`DevPki::issue_client`); a real deployment's CA key never sits on the relay.
-        write(&self.dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let server_key = KeyPair::generate()?;
-        let mut server_params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
-        server_params
-            .distinguished_name
-            .push(DnType::CommonName, "relay");
-        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = server_params.signed_by(&server_key, &issuer)?;
-
-        write(&self.ca_cert(), ca_cert.pem().as_bytes())?;
-        write(&self.server_cert(), server_cert.pem().as_bytes())?;
-        write(&self.server_key(), server_key.serialize_pem().as_bytes())?;
-        let operator_key = KeyPair::generate()?;
-        let mut operator = CertificateParams::new(Vec::<String>::new())?;
-        operator
-            .distinguished_name
-            .push(DnType::CommonName, "relay operator");
-        operator.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let operator_cert = operator.signed_by(&operator_key, &issuer)?;
-        write(&self.operator_cert(), operator_cert.pem().as_bytes())?;
-        write(
-            &self.dir.join("operator.key"),
-            operator_key.serialize_pem().as_bytes(),
-        )?;
-        for (stem, _, name, _) in CLIENTS {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            let cert = params.signed_by(&key, &issuer)?;
-            write(&self.dir.join(format!("{stem}.pem")), cert.pem().as_bytes())?;
-            write(
-                &self.dir.join(format!("{stem}.key")),
-                key.serialize_pem().as_bytes(),
-            )?;
-            let token_key = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                .map_err(|_| "generating an Ed25519 key")?;
-            write(
-                &self.dir.join(format!("{stem}-token.pk8")),
-                token_key.as_ref(),
-            )?;
+        self.write("ca.key", ca.key_pem().as_bytes())?;
+        let server = ca.issue_server()?;
+        self.write("ca.pem", ca_pem.as_bytes())?;
+        self.write("relay.pem", server.cert_pem.as_bytes())?;
+        self.write("relay.key", server.key_pem.as_bytes())?;
+        let operator = ca.issue_client("relay operator")?;
+        self.write("operator.pem", operator.cert_pem.as_bytes())?;
+        self.write("operator.key", operator.key_pem.as_bytes())?;
+        for network in RELAY_DEV_NETWORKS {
+            let stem = network.stem;
+            let client = ca.issue_client(network.name)?;
+            self.write(&format!("{stem}.pem"), client.cert_pem.as_bytes())?;
+            self.write(&format!("{stem}.key"), client.key_pem.as_bytes())?;
+            let token_key = devkit::pki::token_key()?;
+            self.write(&format!("{stem}-token.pk8"), &token_key)?;
         }
         Ok(())
     }
@@ -138,26 +97,26 @@ impl DevPki {
     /// The two networks of the development PKI, with their certificate fingerprints and
     /// token keys read from the files.
     pub fn networks(&self) -> Result<Vec<NetworkEntry>, String> {
-        CLIENTS
+        RELAY_DEV_NETWORKS
             .iter()
-            .map(|&(stem, id, name, role)| {
+            .map(|network| {
+                let stem = network.stem;
                 let cert_path = self.dir.join(format!("{stem}.pem"));
                 let cert = CertificateDer::from_pem_file(&cert_path)
                     .map_err(|e| format!("{}: {e}", cert_path.display()))?;
                 let token_path = self.dir.join(format!("{stem}-token.pk8"));
                 let pkcs8 =
                     fs::read(&token_path).map_err(|e| format!("{}: {e}", token_path.display()))?;
-                let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8)
-                    .map_err(|_| format!("{}: not an Ed25519 PKCS#8 key", token_path.display()))?;
-                let public: [u8; 32] = key
-                    .public_key()
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| "an Ed25519 public key is 32 bytes")?;
+                let public = devkit::pki::token_public_key(&pkcs8)
+                    .map_err(|e| format!("{}: {e}", token_path.display()))?;
                 Ok(NetworkEntry {
-                    id,
-                    name: name.to_string(),
-                    server_roles: vec![role],
+                    id: NetworkId(network.id),
+                    name: network.name.to_string(),
+                    server_roles: vec![if network.gatekeeper {
+                        Role::GatekeeperServer
+                    } else {
+                        Role::PartnerServer
+                    }],
                     cert_sha256: vec![sha256(&cert)],
                     token_public_key: Some(public),
                     client_ca_der: Vec::new(),
@@ -165,47 +124,23 @@ impl DevPki {
             })
             .collect()
     }
-}
 
-/// The development CA's parameters: the same every time, so a certificate issued later with
-/// the saved key names exactly the CA certificate's subject.
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Article 7 Relay development CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(params)
-}
-
-impl DevPki {
     /// Issues a client certificate named `name` from the development CA: (certificate PEM,
     /// key PEM). For development and tests that register more networks.
     pub fn issue_client(&self, name: &str) -> Result<(String, String), String> {
         let ca_key_path = self.dir.join("ca.key");
         let pem = fs::read_to_string(&ca_key_path)
             .map_err(|e| format!("{}: {e}", ca_key_path.display()))?;
-        let ca_key =
-            KeyPair::from_pem(&pem).map_err(|e| format!("{}: {e}", ca_key_path.display()))?;
-        let issuer = Issuer::new(ca_params().map_err(|e| e.to_string())?, ca_key);
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
-        Ok((cert.pem(), key.serialize_pem()))
+        let ca = DevCa::from_key_pem(CA_NAME, &pem)
+            .map_err(|e| format!("{}: {e}", ca_key_path.display()))?;
+        let issued = ca.issue_client(name)?;
+        Ok((issued.cert_pem, issued.key_pem))
     }
-}
 
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let path = self.dir.join(name);
+        write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
 }
 
 fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -252,30 +252,14 @@ fn snapshot(shard: &Shard, users: u32, devices: u32) -> Snapshot {
     out
 }
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use devkit::sim::SimRng as Rng;
 
 /// Random traffic, then a crash (the shard is dropped, only the disk survives): the
 /// recovered shard holds exactly the same queues. Many seeds.
 #[test]
 fn recovery_rebuilds_every_queue_exactly() {
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("SIM_SEED must be a number")],
-        Err(_) => (1..=std::env::var("SIM_SEEDS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(300u64))
-            .collect(),
-    };
-    for seed in seeds {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    devkit::sim::for_each_seed(300, |seed| {
+        let mut rng = Rng::new(seed);
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!("seed {seed}");
         }
@@ -372,7 +356,7 @@ fn recovery_rebuilds_every_queue_exactly() {
             "seed {seed}: {} bytes on disk for {live} live",
             w.disk.used()
         );
-    }
+    });
 }
 
 /// Nothing is acknowledged before its record is stored, and everything acknowledged is

@@ -5,7 +5,7 @@
 //! acknowledged is lost, nothing is delivered again after its device acknowledged it, order
 //! per sender–recipient pair holds, no session sees an error it did not cause.
 //!
-//! A failure prints `SEED=n`; `SIM_SEED=n cargo test -p relay --test session_sim` replays it.
+//! A failure prints `SEED=n`; `A7_SEED=n cargo test -p relay --test session_sim` replays it.
 #![allow(clippy::cast_possible_truncation)]
 
 use std::collections::{HashMap, HashSet};
@@ -26,15 +26,7 @@ const USERS: u32 = 5;
 const GATEKEEPER_CERT: &[u8] = b"gatekeeper server certificate";
 const PARTNER_CERT: &[u8] = b"partner server certificate";
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use devkit::sim::SimRng as Rng;
 
 /// One connection: the relay's session and what the client has read from it.
 struct Conn {
@@ -476,7 +468,7 @@ impl World {
 }
 
 fn run(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let mut w = World::new();
     w.open(
         w.gatekeeper,
@@ -521,17 +513,5 @@ fn run(seed: u64) -> Result<(), String> {
 
 #[test]
 fn seeded_sessions_keep_every_invariant() {
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("SIM_SEED must be a number")],
-        Err(_) => (1..=std::env::var("SIM_SEEDS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(60))
-            .collect(),
-    };
-    for seed in seeds {
-        if let Err(failure) = run(seed) {
-            panic!("SEED={seed}: {failure}");
-        }
-    }
+    devkit::sim::for_each_seed(60, run);
 }

@@ -8,7 +8,7 @@
 //! - order per sender–recipient pair holds on every device;
 //! - no queue grows past its bound.
 //!
-//! A failure prints `SEED=n`; `SIM_SEED=n cargo test -p relay --test shard_sim` replays it.
+//! A failure prints `SEED=n`; `A7_SEED=n cargo test -p relay --test shard_sim` replays it.
 
 // The simulation casts small random numbers and ids on purpose.
 #![allow(clippy::cast_possible_truncation)]
@@ -22,22 +22,7 @@ use relay::core::shard::interface::{Routed, ShardInput, ShardOutput};
 use relay::core::{ConnId, shard_of};
 use relay::limits::RelayLimits;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use devkit::sim::SimRng as Rng;
 
 const SHARDS: u16 = 3;
 const USERS_PER_NETWORK: u32 = 6;
@@ -340,7 +325,7 @@ impl World {
 }
 
 fn run(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let limits = RelayLimits {
         device_queue_depth_max: 40,
         device_deliveries_in_flight_max: 4,
@@ -434,17 +419,5 @@ fn run(seed: u64) -> Result<(), String> {
 
 #[test]
 fn seeded_schedules_keep_every_invariant() {
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("SIM_SEED must be a number")],
-        Err(_) => (1..=std::env::var("SIM_SEEDS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(200))
-            .collect(),
-    };
-    for seed in seeds {
-        if let Err(failure) = run(seed) {
-            panic!("SEED={seed}: {failure}");
-        }
-    }
+    devkit::sim::for_each_seed(200, run);
 }

@@ -311,7 +311,7 @@ impl ControlRelay {
         ExtraNetwork {
             id: client::NetworkId(id),
             tls,
-            fingerprint: client::control::hex(&relay::pki::sha256(&der)),
+            fingerprint: devkit::hex::fingerprint_hex(&der),
             key_pkcs8: client::generate_network_key(),
         }
     }

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use client::{
@@ -50,12 +50,7 @@ pub fn device(network: NetworkId, user: u128, device: u32) -> DeviceAddress {
     DeviceAddress::new(network, UserId(user), DeviceId(device))
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub use devkit::now_ms;
 
 fn random_u128() -> u128 {
     let bytes: [u8; 16] = ring::rand::generate(&ring::rand::SystemRandom::new())

@@ -5,9 +5,10 @@
 //! Each request is charged to the partner's and the requesting user's rate limits.
 
 use codec::{ErrorCode, UserAddress};
+use devkit::hex::{hex, parse_hex32};
 use serde::{Deserialize, Serialize};
 
-use super::identifier::{Identifier, hex, parse_hash};
+use super::identifier::Identifier;
 use super::ratelimit::Key;
 use super::store::{IDENTIFIERS, MOVED, Reader, USERS};
 use super::users::{Moved, UserRecord};
@@ -71,7 +72,7 @@ impl ControlPlane {
         let mut hashes = Vec::with_capacity(request.identifier_hashes.len());
         for text in &request.identifier_hashes {
             let lower = text.to_ascii_lowercase();
-            parse_hash(&lower).ok_or_else(|| {
+            parse_hex32(&lower).ok_or_else(|| {
                 ApiError::malformed(format!(
                     "identifier_hashes: {text:?} is not 64 hex digits (SHA-256)"
                 ))

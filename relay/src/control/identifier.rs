@@ -53,7 +53,7 @@ impl Identifier {
     /// SHA-256 of `type:value`.
     pub fn hash(&self) -> [u8; 32] {
         let text = format!("{}:{}", self.kind.name(), self.value);
-        crate::pki::sha256(text.as_bytes())
+        devkit::hex::sha256(text.as_bytes())
     }
 }
 
@@ -134,29 +134,10 @@ fn normal_username(value: &str) -> Result<String, String> {
     Ok(lower)
 }
 
-/// Parses 64 hex digits into a hash.
-pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use devkit::hex::{hex, parse_hex32};
+
     use super::*;
 
     #[test]
@@ -197,10 +178,10 @@ mod tests {
         assert_eq!(a.hash(), b.hash());
         assert_eq!(
             hex(&a.hash()),
-            hex(&crate::pki::sha256(b"phone:+491701234567"))
+            hex(&devkit::hex::sha256(b"phone:+491701234567"))
         );
-        assert_eq!(parse_hash(&hex(&a.hash())), Some(a.hash()));
-        assert_eq!(parse_hash("zz"), None);
-        assert_eq!(parse_hash(&"g".repeat(64)), None);
+        assert_eq!(parse_hex32(&hex(&a.hash())), Some(a.hash()));
+        assert_eq!(parse_hex32("zz"), None);
+        assert_eq!(parse_hex32(&"g".repeat(64)), None);
     }
 }

@@ -208,7 +208,7 @@ impl InteropSettings {
             return Err("interop.api_body_bytes_max: must be at least 1024".into());
         }
         for fingerprint in &self.operator_cert_sha256 {
-            if identifier::parse_hash(&fingerprint.to_ascii_lowercase()).is_none() {
+            if devkit::hex::parse_hex32(&fingerprint.to_ascii_lowercase()).is_none() {
                 return Err(format!(
                     "interop.operator_cert_sha256: {fingerprint:?} is not 64 hex digits"
                 ));
@@ -296,7 +296,7 @@ impl ControlPlane {
         let store = Store::open(&data_dir.join("control.redb")).map_err(|e| e.0)?;
         let mut operators = extra_operators;
         for fingerprint in &settings.operator_cert_sha256 {
-            if let Some(hash) = identifier::parse_hash(&fingerprint.to_ascii_lowercase()) {
+            if let Some(hash) = devkit::hex::parse_hex32(&fingerprint.to_ascii_lowercase()) {
                 operators.push(hash);
             }
         }
@@ -321,7 +321,7 @@ impl ControlPlane {
     /// Who a client certificate (DER) speaks for: the operator by fingerprint, a network by
     /// fingerprint or by its CA.
     pub fn caller(&self, cert_der: &[u8], now_ms: u64) -> Option<Caller> {
-        if self.operators.contains(&crate::pki::sha256(cert_der)) {
+        if self.operators.contains(&devkit::hex::sha256(cert_der)) {
             return Some(Caller::Operator);
         }
         self.auth

@@ -6,11 +6,11 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use codec::{ErrorCode, MessageId, NetworkId, Notice, NoticeKind, Role};
+use devkit::hex::{hex, parse_hex32};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::{self, EventKind};
-use super::identifier::{hex, parse_hash};
 use super::store::PARTNERS;
 use super::{ApiError, ApiResult, Caller, ControlPlane, require_operator};
 use crate::core::auth::NetworkEntry;
@@ -153,7 +153,7 @@ impl Partner {
             cert_sha256: self
                 .cert_sha256
                 .iter()
-                .filter_map(|h| parse_hash(h))
+                .filter_map(|h| parse_hex32(h))
                 .collect(),
             token_public_key,
             client_ca_der: self.ca_pem.as_deref().map(ca_ders).unwrap_or_default(),
@@ -311,7 +311,7 @@ impl ControlPlane {
         let mut fingerprints = Vec::new();
         for fingerprint in &new.cert_sha256 {
             let lower = fingerprint.to_ascii_lowercase();
-            if parse_hash(&lower).is_none() {
+            if parse_hex32(&lower).is_none() {
                 return Err(ApiError::malformed(format!(
                     "cert_sha256: {fingerprint:?} is not 64 hex digits"
                 )));

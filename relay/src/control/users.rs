@@ -8,12 +8,13 @@ use std::sync::Arc;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use codec::{DeviceId, ErrorCode, MessageId, NetworkId, Notice, NoticeKind, UserAddress};
+use devkit::hex::{hex, parse_hex32};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::{self, EventKind};
-use super::identifier::{Identifier, IdentifierType, hex, parse_hash};
+use super::identifier::{Identifier, IdentifierType};
 use super::location::{self, DAY_MS};
 use super::partners::Partner;
 use super::store::{ACCEPTED_BY, DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, Tx, USERS};
@@ -137,7 +138,7 @@ impl UserRecord {
             contact_book: Arc::new(
                 self.contact_book
                     .iter()
-                    .filter_map(|h| parse_hash(h))
+                    .filter_map(|h| parse_hex32(h))
                     .collect::<HashSet<_>>(),
             ),
         }
@@ -593,7 +594,7 @@ impl ControlPlane {
         let mut parsed = HashSet::new();
         for hash in &hashes {
             let lower = hash.to_ascii_lowercase();
-            let value = parse_hash(&lower).ok_or_else(|| {
+            let value = parse_hex32(&lower).ok_or_else(|| {
                 ApiError::malformed(format!("hashes: {hash:?} is not 64 hex digits"))
             })?;
             parsed.insert(value);

@@ -7,7 +7,6 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use codec::{ArchivedHello, ErrorCode, NetworkId, Role};
-use ring::digest::{SHA256, digest};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use rkyv::option::ArchivedOption;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -201,7 +200,7 @@ impl Auth {
     /// The network a client certificate speaks for: by its fingerprint, or by the network
     /// CA that issued it (checked as of `now_ms`).
     pub fn network_of_cert(&self, cert_der: &[u8], now_ms: u64) -> Option<NetworkId> {
-        let fingerprint: [u8; 32] = digest(&SHA256, cert_der).as_ref().try_into().ok()?;
+        let fingerprint = devkit::hex::sha256(cert_der);
         if let Some(network) = self.network_of_fingerprint(&fingerprint) {
             return Some(network);
         }

@@ -489,9 +489,7 @@ async fn discovery_lookup(
     Body(bytes): Body,
 ) -> ApiResult<Response> {
     let lookup: Lookup = body(&bytes)?;
-    if crate::control::identifier::parse_hash(&lookup.identifier_hash.to_ascii_lowercase())
-        .is_none()
-    {
+    if devkit::hex::parse_hex32(&lookup.identifier_hash.to_ascii_lowercase()).is_none() {
         return Err(ApiError::malformed(format!(
             "identifier_hash: {:?} is not 64 hex digits (SHA-256)",
             lookup.identifier_hash
