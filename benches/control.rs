@@ -18,8 +18,8 @@ use relay::control::users::{
     Attestation, ConsentRecord, Enlistment, IdentifierInput, consent_message,
 };
 use relay::control::{Caller, ControlPlane, InteropSettings, Links, NoDataPlane, String32};
-use relay::core::auth::{Auth, NetworkEntry};
-use relay::core::policy::{ConsentModel, Policy};
+use relay::tables::auth::{Auth, NetworkEntry};
+use relay::tables::policy::{ConsentModel, Policy};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -125,7 +125,11 @@ fn bench(c: &mut Criterion) {
     );
     let policy = control.policy.clone();
     // Warm the accepted-pair maps as traffic does.
-    policy.check(&gk, &partner).unwrap();
+    let first = policy.check(&gk, &partner);
+    first.result.unwrap();
+    if let Some(contact) = first.contact {
+        policy.record_contact(contact);
+    }
     c.bench_function("policy/check cross-network, both enlisted", |b| {
         b.iter(|| policy.check(black_box(&gk), black_box(&partner)))
     });

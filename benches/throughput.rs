@@ -14,7 +14,7 @@
 //! the relay; the figure is the whole system's, not the relay's alone.
 #![allow(clippy::cast_possible_truncation, clippy::print_stdout)]
 
-use relay::core::policy::{PartnerStatus, UserPolicy};
+use relay::tables::policy::{PartnerStatus, UserPolicy};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;

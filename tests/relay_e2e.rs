@@ -625,7 +625,7 @@ async fn a_trusted_certificate_registered_for_no_network_is_refused() {
         IsCa, KeyPair, KeyUsagePurpose,
     };
     use relay::config::TlsPaths;
-    use relay::core::auth::NetworkEntry;
+    use relay::tables::auth::NetworkEntry;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -9,10 +9,10 @@ use devkit::hex::parse_hex32;
 use serde::Deserialize;
 
 use crate::control::InteropSettings;
-use crate::core::auth::NetworkEntry;
 use crate::core::log::Durability;
 use crate::limits::RelayLimits;
 use crate::pki::DevPki;
+use crate::tables::auth::NetworkEntry;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,3 +13,4 @@ pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod tables;

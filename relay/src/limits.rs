@@ -12,6 +12,10 @@ pub const TIMER_TICK: Duration = Duration::from_millis(100);
 /// core's flood cannot starve this core's own sockets.
 pub const INBOX_BATCHES_PER_TURN: usize = 16;
 
+/// How long a new connection has to finish the TLS handshake and send `Hello`; past it the
+/// session is closed with `HELLO_REQUIRED`. The deadline's place is the session's timer.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long the control plane waits for a core to take a change before it gives up (and the
 /// change is not applied), and then for the change's log record to be stored.
 pub const CONTROL_TAKE_TIMEOUT: Duration = Duration::from_secs(5);

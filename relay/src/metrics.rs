@@ -29,6 +29,9 @@ pub struct CoreMetrics {
     pub log_disk_bytes: AtomicU64,
     pub storage_failed: AtomicU64,
     pub recovered_frames: AtomicU64,
+    /// Cross-network frames checked against the interop rules, and refused by them.
+    pub policy_checked: AtomicU64,
+    pub policy_refused: AtomicU64,
     errors: [AtomicU64; 64],
     shard: [AtomicU64; SHARD_FIELDS],
 }
@@ -53,6 +56,8 @@ impl Default for CoreMetrics {
             log_disk_bytes: AtomicU64::new(0),
             storage_failed: AtomicU64::new(0),
             recovered_frames: AtomicU64::new(0),
+            policy_checked: AtomicU64::new(0),
+            policy_refused: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             shard: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -349,4 +354,27 @@ pub fn render(
         }
     }
     out
+}
+
+/// The interop rules' figures: whether they are enforced, and the frames they checked and
+/// refused (the refusals by code are in `relay_errors_total`).
+pub fn render_policy(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>], enforced: bool) {
+    let sum = |field: fn(&CoreMetrics) -> &AtomicU64| -> u64 {
+        cores.iter().map(|c| field(c).load(Ordering::Relaxed)).sum()
+    };
+    let _ = writeln!(
+        out,
+        "# HELP relay_policy_enforced Whether the interop rules are enforced (0: lab mode)\n# TYPE relay_policy_enforced gauge\nrelay_policy_enforced {}",
+        u8::from(enforced)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_policy_checked_total Cross-network frames checked against the interop rules\n# TYPE relay_policy_checked_total counter\nrelay_policy_checked_total {}",
+        sum(|c| &c.policy_checked)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_policy_refused_total Cross-network frames the interop rules refused (by code in relay_errors_total)\n# TYPE relay_policy_refused_total counter\nrelay_policy_refused_total {}",
+        sum(|c| &c.policy_refused)
+    );
 }

@@ -12,7 +12,7 @@ use devkit::pki::{DevCa, RELAY_DEV_NETWORKS};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::core::auth::NetworkEntry;
+use crate::tables::auth::NetworkEntry;
 
 // Kept under this path: relay/tests call `relay::pki::sha256`.
 pub use devkit::hex::sha256;

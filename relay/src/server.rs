@@ -2,15 +2,14 @@
 //! policy is loaded before the first session), the data-plane cores, and the HTTP port.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::config::Config;
 use crate::control::{ControlPlane, InteropSettings, Links};
-use crate::core::auth::Auth;
-use crate::core::policy::Policy;
 use crate::http::{HttpContext, HttpServer};
 use crate::io::inject::ShardInjector;
 use crate::io::{Relay, now_ms};
+use crate::tables::auth::Auth;
+use crate::tables::policy::Policy;
 
 #[derive(Debug)]
 pub struct Server {
@@ -65,13 +64,7 @@ impl Server {
         let durability = config.durability.name();
         let render = Arc::new(move || {
             let mut text = crate::metrics::render(&shared.metrics, &shared.connections, durability);
-            let policy = &shared.policy;
-            text.push_str(&format!(
-                "# HELP relay_policy_enforced Whether the interop rules are enforced (0: lab mode)\n# TYPE relay_policy_enforced gauge\nrelay_policy_enforced {}\n# HELP relay_policy_checked_total Cross-network frames checked against the interop rules\n# TYPE relay_policy_checked_total counter\nrelay_policy_checked_total {}\n# HELP relay_policy_refused_total Cross-network frames the interop rules refused (by code in relay_errors_total)\n# TYPE relay_policy_refused_total counter\nrelay_policy_refused_total {}\n",
-                u8::from(policy.enforced()),
-                policy.checked.load(Ordering::Relaxed),
-                policy.refused.load(Ordering::Relaxed),
-            ));
+            crate::metrics::render_policy(&mut text, &shared.metrics, shared.policy.enforced());
             text
         });
         let context = HttpContext {

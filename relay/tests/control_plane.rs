@@ -7,8 +7,8 @@ use base64::Engine as _;
 use codec::{NetworkId, Role, UserAddress, UserId};
 use relay::control::users::{Attestation, ConsentRecord, Enlistment, consent_message};
 use relay::control::{Caller, ControlPlane, InteropSettings, Links, NoDataPlane};
-use relay::core::auth::{Auth, NetworkEntry};
-use relay::core::policy::{ConsentModel, Policy};
+use relay::tables::auth::{Auth, NetworkEntry};
+use relay::tables::policy::{ConsentModel, Policy};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -110,6 +110,20 @@ fn user(network: u32, id: u128) -> UserAddress {
     UserAddress::new(NetworkId(network), UserId(id))
 }
 
+/// What a session and its IO shell do with one cross-network frame: decide, then record
+/// the first contact.
+fn check(
+    policy: &relay::tables::policy::Policy,
+    sender: &UserAddress,
+    recipient: &UserAddress,
+) -> Result<(), codec::ErrorCode> {
+    let verdict = policy.check(sender, recipient);
+    if let Some(contact) = verdict.contact {
+        policy.record_contact(contact);
+    }
+    verdict.result
+}
+
 #[test]
 fn the_location_rule_lapses_on_time_and_never_late() {
     let world = World::new("location", InteropSettings::default());
@@ -117,7 +131,7 @@ fn the_location_rule_lapses_on_time_and_never_late() {
     let (a, b) = (user(1, 1), user(2, 2));
     world.enlist(&control, a, ConsentModel::Everyone, T0, "DE");
     world.enlist(&control, b, ConsentModel::Everyone, T0, "NO");
-    assert_eq!(control.policy.check(&a, &b), Ok(()));
+    assert_eq!(check(&control.policy, &a, &b), Ok(()));
     // Travelling outside the EEA does not lapse the standing inside the window.
     control
         .attest_location(
@@ -131,7 +145,7 @@ fn the_location_rule_lapses_on_time_and_never_late() {
         )
         .unwrap();
     assert_eq!(control.location_sweep(T0 + 119 * DAY).unwrap(), 0);
-    assert_eq!(control.policy.check(&a, &b), Ok(()));
+    assert_eq!(check(&control.policy, &a, &b), Ok(()));
     // One sweep interval before the 120 days run out, the sweep applies the lapse: early by
     // at most one interval, never after the window.
     let due = T0 + 120 * DAY;
@@ -139,7 +153,7 @@ fn the_location_rule_lapses_on_time_and_never_late() {
     assert_eq!(control.location_sweep(due - interval - 1).unwrap(), 0);
     assert_eq!(control.location_sweep(due - interval).unwrap(), 2);
     assert_eq!(
-        control.policy.check(&a, &b),
+        check(&control.policy, &a, &b),
         Err(codec::ErrorCode::SenderOutsideRegion)
     );
     // An attestation brings one back at once; the other stays out.
@@ -155,7 +169,7 @@ fn the_location_rule_lapses_on_time_and_never_late() {
         )
         .unwrap();
     assert_eq!(
-        control.policy.check(&a, &b),
+        check(&control.policy, &a, &b),
         Err(codec::ErrorCode::RecipientOutsideRegion)
     );
     // The standing survives a reopen, evaluated again at the new time.
@@ -177,7 +191,7 @@ fn the_event_feed_forgets_after_its_retention() {
     world.enlist(&control, a, ConsentModel::Everyone, T0, "DE");
     world.enlist(&control, b, ConsentModel::RequestAlways, T0, "DE");
     // At T0 network 2 hears of a request; two days later network 1 of its acceptance.
-    assert!(control.policy.check(&a, &b).is_err());
+    assert!(check(&control.policy, &a, &b).is_err());
     control.drain_contact_events(T0).unwrap();
     let id = control
         .requests(Caller::Network(b.network), None, 0, 100)
@@ -206,7 +220,7 @@ fn one_request_per_pair_whatever_became_of_it() {
     world.enlist(&control, a, ConsentModel::Everyone, T0, "DE");
     world.enlist(&control, b, ConsentModel::RequestAlways, T0, "DE");
     let pending = codec::ErrorCode::MessageRequestPending;
-    assert_eq!(control.policy.check(&a, &b), Err(pending));
+    assert_eq!(check(&control.policy, &a, &b), Err(pending));
     assert_eq!(control.drain_contact_events(T0).unwrap(), 2);
     let listed = control
         .requests(Caller::Network(b.network), None, 0, 100)
@@ -218,7 +232,7 @@ fn one_request_per_pair_whatever_became_of_it() {
     // After a reopen (the in-memory marks are gone) a new attempt finds the stored request.
     drop(control);
     let control = world.open(T0 + DAY);
-    assert_eq!(control.policy.check(&a, &b), Err(pending));
+    assert_eq!(check(&control.policy, &a, &b), Err(pending));
     control.drain_contact_events(T0 + DAY).unwrap();
     let listed = control
         .requests(Caller::Network(b.network), None, 0, 100)
@@ -241,7 +255,7 @@ fn requests_come_in_pages() {
     for sender in 10..15 {
         let a = user(1, sender);
         world.enlist(&control, a, ConsentModel::Everyone, T0, "DE");
-        assert!(control.policy.check(&a, &b).is_err());
+        assert!(check(&control.policy, &a, &b).is_err());
     }
     control.drain_contact_events(T0).unwrap();
     let caller = Caller::Network(b.network);

@@ -13,11 +13,11 @@ use std::collections::{HashMap, HashSet};
 use bytes::BytesMut;
 use codec::*;
 use relay::core::ConnId;
-use relay::core::auth::{Auth, NetworkEntry};
-use relay::core::session::{Session, SessionContext, SessionEvent, error, write_ack};
+use relay::core::session::{Session, SessionContext, SessionEvent};
 use relay::core::shard::Shard;
 use relay::core::shard::interface::ShardOutput;
 use relay::limits::RelayLimits;
+use relay::tables::auth::{Auth, NetworkEntry};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -42,7 +42,7 @@ struct World {
     limits: RelayLimits,
     auth: Auth,
     /// The interop rules are the control plane's subject (tests/control_*.rs); here off.
-    policy: relay::core::policy::Policy,
+    policy: relay::tables::policy::Policy,
     key: Ed25519KeyPair,
     shards: Vec<Shard>,
     conns: HashMap<ConnId, Conn>,
@@ -111,7 +111,7 @@ impl World {
             now_ms: 1_800_000_000_000,
             limits,
             auth,
-            policy: relay::core::policy::Policy::new(false),
+            policy: relay::tables::policy::Policy::new(false),
             key,
             shards: (0..SHARDS).map(|_| Shard::new(limits)).collect(),
             conns: HashMap::new(),
@@ -138,7 +138,7 @@ impl World {
         self.conns.insert(
             id,
             Conn {
-                session: Session::new(id, u64::from(id.slot)),
+                session: Session::new(id, u64::from(id.slot), self.now_ms),
                 out: BytesMut::new(),
                 cert,
                 open: true,
@@ -171,7 +171,11 @@ impl World {
                 limits: &self.limits,
                 shards: SHARDS,
             };
-            c.session.handle_frame(&cx, &frame, &mut c.out, &mut events);
+            c.session.handle_frame(&cx, &frame);
+            c.session.poll_transmit(&mut c.out);
+            while let Some(event) = c.session.poll_event() {
+                events.push(event);
+            }
         }
         self.dispatch(conn, events)
     }
@@ -187,6 +191,8 @@ impl World {
                         shard.handle(self.now_ms, input.clone());
                     }
                 }
+                SessionEvent::PolicyChecked { .. } => {}
+                SessionEvent::Contact(contact) => self.policy.record_contact(contact),
                 SessionEvent::Refused(code) => return Err(format!("{conn:?} was refused: {code}")),
                 SessionEvent::Close => return Err(format!("{conn:?} was closed")),
             }
@@ -226,13 +232,14 @@ impl World {
                         c.out.extend_from_slice(&frame);
                     }
                     ShardOutput::Ack {
+                        of,
                         id,
                         address,
                         result,
                         ..
                     } => {
-                        c.session.on_relay_ack();
-                        write_ack(&mut c.out, id, address, result);
+                        c.session.handle_relay_ack(of, id, address, result);
+                        c.session.poll_transmit(&mut c.out);
                     }
                     ShardOutput::Load { .. }
                     | ShardOutput::Send { .. }
@@ -240,7 +247,8 @@ impl World {
                         return Err("unexpected shard output".into());
                     }
                     ShardOutput::Close { code, .. } => {
-                        error(&mut c.out, &mut Vec::new(), code, None, true, "closed");
+                        c.session.handle_relay_close(code);
+                        c.session.poll_transmit(&mut c.out);
                         return Err(format!("{target:?} closed by the relay: {code}"));
                     }
                 }
@@ -349,7 +357,10 @@ impl World {
     fn close(&mut self, id: ConnId) -> Result<(), String> {
         let mut events = Vec::new();
         if let Some(c) = self.conns.get_mut(&id) {
-            c.session.on_close(SHARDS, &mut events);
+            c.session.handle_close(SHARDS);
+            while let Some(event) = c.session.poll_event() {
+                events.push(event);
+            }
             c.open = false;
         }
         self.dispatch(id, events)?;

@@ -204,7 +204,7 @@ impl ControlRelay {
     }
 
     /// The node's policy table (what the data plane enforces).
-    pub fn policy(&self) -> &relay::core::policy::Policy {
+    pub fn policy(&self) -> &relay::tables::policy::Policy {
         &self.server().relay.shared.policy
     }
 

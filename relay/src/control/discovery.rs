@@ -13,7 +13,7 @@ use super::ratelimit::Key;
 use super::store::{IDENTIFIERS, MOVED, Reader, USERS};
 use super::users::{Moved, UserRecord};
 use super::{ApiError, ApiResult, Caller, ControlPlane, String32, UserRef, caller_network};
-use crate::core::policy::{PartnerStatus, Party};
+use crate::tables::policy::{PartnerStatus, Party};
 
 /// `POST /v1/discovery/lookup` and `/v1/discovery/bulk`.
 #[derive(Debug, Clone, Deserialize)]

@@ -288,7 +288,11 @@ impl ControlPlane {
             user: codec::UserId(claim.requester.0),
         };
         // The same rules as an envelope: a key claim is a first contact.
-        if let Err(code) = self.policy.check(&requester, &user) {
+        let verdict = self.policy.check(&requester, &user);
+        if let Some(contact) = verdict.contact {
+            self.policy.record_contact(contact);
+        }
+        if let Err(code) = verdict.result {
             return Err(match code {
                 // Never say whether an unknown user exists.
                 ErrorCode::RecipientNotEnlisted => ApiError::not_found(),

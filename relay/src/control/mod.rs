@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use self::location::LocationRule;
 use self::ratelimit::RateLimiter;
 use self::store::{Store, StoreError};
-use crate::core::auth::Auth;
-use crate::core::policy::Policy;
+use crate::tables::auth::Auth;
+use crate::tables::policy::Policy;
 
 /// Who is calling, from the TLS client certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +264,7 @@ pub struct ControlPlane {
     /// Serializes read-modify-write sequences that span the store and the policy table.
     writer: Mutex<()>,
     /// Contact events whose batch failed to commit, tried again first.
-    contact_retry: Mutex<Vec<crate::core::policy::ContactEvent>>,
+    contact_retry: Mutex<Vec<crate::tables::policy::ContactEvent>>,
 }
 
 /// What the control plane shares with the data plane: the handshake table and the policy it
@@ -282,7 +282,7 @@ impl ControlPlane {
     pub fn open(
         data_dir: &std::path::Path,
         settings: InteropSettings,
-        configured: &[crate::core::auth::NetworkEntry],
+        configured: &[crate::tables::auth::NetworkEntry],
         extra_operators: Vec<[u8; 32]>,
         links: Links,
         now_ms: u64,
@@ -334,7 +334,7 @@ impl ControlPlane {
         match caller {
             Caller::Network(network)
                 if self.policy.network_status(network)
-                    == Some(crate::core::policy::PartnerStatus::Suspended) =>
+                    == Some(crate::tables::policy::PartnerStatus::Suspended) =>
             {
                 Err(ApiError::new(
                     ErrorCode::PartnerSuspended,

@@ -13,8 +13,8 @@ use serde_json::json;
 use super::events::{self, EventKind};
 use super::store::PARTNERS;
 use super::{ApiError, ApiResult, Caller, ControlPlane, require_operator};
-use crate::core::auth::NetworkEntry;
-use crate::core::policy::PartnerStatus;
+use crate::tables::auth::NetworkEntry;
+use crate::tables::policy::PartnerStatus;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -331,7 +331,7 @@ impl ControlPlane {
             ));
         }
         if let Some(pem) = &new.ca_pem
-            && crate::core::client_ca::webpki_verifier(
+            && crate::tables::client_ca::webpki_verifier(
                 &ca_ders(pem),
                 &std::sync::Arc::new(rustls::crypto::ring::default_provider()),
             )
@@ -421,7 +421,7 @@ impl ControlPlane {
             }
         }
         entries.push(partner.entry());
-        crate::core::auth::Auth::check(entries)
+        crate::tables::auth::Auth::check(entries)
             .map_err(|e| ApiError::new(ErrorCode::AlreadyExists, e))?;
         self.store.write(|tx| {
             let key = partner.id.to_string();

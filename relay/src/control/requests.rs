@@ -13,7 +13,7 @@ use super::events::{self, EventKind};
 use super::store::{ACCEPTED_BY, REQUEST_INDEX, REQUESTS, StoreResult, Tx, USERS};
 use super::users::{Accepted, UserRecord};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, caller_network, user_key};
-use crate::core::policy::{ContactEvent, Party};
+use crate::tables::policy::{ContactEvent, Party};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

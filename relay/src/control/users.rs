@@ -19,7 +19,7 @@ use super::location::{self, DAY_MS};
 use super::partners::Partner;
 use super::store::{ACCEPTED_BY, DEVICE_KEYS, IDENTIFIERS, MOVED, ONE_TIME_KEYS, Tx, USERS};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, require_network, user_key};
-use crate::core::policy::{ConsentModel, Party, UserPolicy};
+use crate::tables::policy::{ConsentModel, Party, UserPolicy};
 
 /// Visible identifiers per user.
 pub const IDENTIFIERS_PER_USER_MAX: usize = 8;

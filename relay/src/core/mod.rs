@@ -2,17 +2,14 @@
 //! and return actions. No sockets, files, threads or clocks in here: `relay::io` drives them,
 //! and the simulation tests drive them on a fake clock.
 
-pub mod auth;
-pub mod client_ca;
 pub mod dedup;
 pub mod log;
-pub mod policy;
 pub mod queue;
 pub mod session;
 pub mod shard;
 pub mod wal;
 
-use codec::{DeviceAddress, DeviceId, NetworkId, UserAddress};
+use codec::{DeviceId, UserAddress};
 
 /// Identifies a connection across cores: the core that owns it and its slot there. The
 /// generation tells a reused slot from the connection that held it before.
@@ -21,38 +18,6 @@ pub struct ConnId {
     pub core: u16,
     pub slot: u32,
     pub generation: u32,
-}
-
-/// Who an established session speaks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Principal {
-    /// A server of one network (gatekeeper or partner: the same rules): any of its users.
-    Server { network: NetworkId },
-    /// One device, authenticated by a token its network signed.
-    Device { device: DeviceAddress },
-}
-
-impl Principal {
-    /// The network the session speaks for.
-    pub fn network(&self) -> NetworkId {
-        match self {
-            Principal::Server { network } => *network,
-            Principal::Device { device } => device.network,
-        }
-    }
-
-    /// Whether this session may send as (or acknowledge for) `address`.
-    pub fn may_act_as(&self, address: &DeviceAddress) -> bool {
-        match self {
-            Principal::Server { network } => address.network == *network,
-            Principal::Device { device } => address == device,
-        }
-    }
-
-    /// Whether this session may speak for every device of `user` (declare its device set).
-    pub fn may_manage(&self, user: &UserAddress) -> bool {
-        matches!(self, Principal::Server { network } if user.network == *network)
-    }
 }
 
 /// The shard that owns a user: a fixed hash of its address, so every core computes the same

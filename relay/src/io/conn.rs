@@ -15,16 +15,17 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use codec::{Delivery, ErrorCode, FrameDecoder, FrameKind, delivery_flags, encode_head};
+use codec::{Delivery, FrameDecoder, FrameKind, delivery_flags, encode_head};
 use rustls::ServerConnection;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
 use super::now_ms;
 use super::worker::{Connection, Worker};
-use crate::core::session::{Session, SessionContext, SessionEvent, error, write_ack};
+use crate::core::ConnId;
+use crate::core::session::{Session, SessionContext, SessionEvent};
 use crate::core::shard::interface::ShardOutput;
-use crate::core::{ConnId, Principal};
+use crate::tables::auth::Principal;
 
 /// Bytes read from the socket per read: one TLS record's worth, so an idle connection holds
 /// little.
@@ -81,6 +82,19 @@ impl Conn {
     fn wake_writer(&self) {
         self.writer_wake.notify_one();
     }
+
+    /// Moves what the session wrote into the outbox and carries out what it asked for.
+    fn pump_session(&self, worker: &Worker) {
+        let mut events = Vec::new();
+        {
+            let mut session = self.session.borrow_mut();
+            session.poll_transmit(&mut self.out.borrow_mut().scratch);
+            while let Some(event) = session.poll_event() {
+                events.push(event);
+            }
+        }
+        worker.dispatch(&mut events, self);
+    }
 }
 
 impl Connection for Conn {
@@ -95,18 +109,27 @@ impl Connection for Conn {
         self.writer_wake.notify_one();
     }
 
-    fn shut_down(&self) {
-        let mut events = Vec::new();
-        error(
-            &mut self.out.borrow_mut().scratch,
-            &mut events,
-            ErrorCode::ShuttingDown,
-            None,
-            true,
-            "the relay is shutting down",
-        );
-        self.begin_close();
+    fn shut_down(&self, worker: &Worker) {
+        self.session.borrow_mut().handle_shutdown();
+        self.pump_session(worker);
         let _ = self.stream.shutdown(Shutdown::Read);
+    }
+
+    fn on_timer(&self, worker: &Worker, now_ms: u64) {
+        let due = self
+            .session
+            .borrow()
+            .poll_timeout()
+            .is_some_and(|at| at <= now_ms);
+        if !due {
+            return;
+        }
+        self.session.borrow_mut().handle_timeout(now_ms);
+        self.pump_session(worker);
+        if self.session.borrow().is_closed() {
+            // Ends the reader's pending read, which takes the session out of the shards.
+            let _ = self.stream.shutdown(Shutdown::Read);
+        }
     }
 
     /// A shard's output for this connection.
@@ -138,34 +161,27 @@ impl Connection for Conn {
                 }
             }
             ShardOutput::Ack {
+                of,
                 id,
                 address,
                 result,
                 ..
             } => {
-                self.session.borrow_mut().on_relay_ack();
-                if let Err(refusal) = &result {
-                    metrics.error(refusal.code);
-                }
-                write_ack(&mut out.scratch, id, address, result);
+                drop(out);
+                self.session
+                    .borrow_mut()
+                    .handle_relay_ack(of, id, address, result);
                 metrics.acks_out.fetch_add(1, Ordering::Relaxed);
+                self.pump_session(worker);
+                out = self.out.borrow_mut();
             }
             // Never addressed to a connection: the worker takes these.
             ShardOutput::Load { .. } | ShardOutput::Applied { .. } => {}
             ShardOutput::Send { frame, .. } => out.push(frame),
             ShardOutput::Close { code, .. } => {
-                metrics.error(code);
-                let mut events = Vec::new();
-                error(
-                    &mut out.scratch,
-                    &mut events,
-                    code,
-                    None,
-                    true,
-                    "the session is closed by the relay",
-                );
                 drop(out);
-                self.begin_close();
+                self.session.borrow_mut().handle_relay_close(code);
+                self.pump_session(worker);
                 return;
             }
         }
@@ -259,11 +275,11 @@ impl Conn {
                     if let Some(counter) = counter {
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    session.handle_frame(&cx, &frame, &mut out.scratch, events);
+                    session.handle_frame(&cx, &frame);
                 }
                 Ok(None) => break,
                 Err(err) => {
-                    session.handle_decode_error(err, &mut out.scratch, events);
+                    session.handle_decode_error(err);
                     if err.is_framing() {
                         break;
                     }
@@ -272,6 +288,10 @@ impl Conn {
             if session.is_closed() {
                 break;
             }
+        }
+        session.poll_transmit(&mut out.scratch);
+        while let Some(event) = session.poll_event() {
+            events.push(event);
         }
         out.seal_scratch();
         if self.counted.get().is_none()
@@ -323,7 +343,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
         id,
         stream,
         tls: RefCell::new(tls),
-        session: RefCell::new(Session::new(id, session_id)),
+        session: RefCell::new(Session::new(id, session_id, now_ms())),
         peer_cert: RefCell::new(None),
         handshake_seen: Cell::new(false),
         out: RefCell::new(Outbox::default()),
@@ -333,13 +353,13 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
         counted: Cell::new(None),
     });
     worker.insert(conn.clone() as Rc<dyn Connection>);
+    if let Some(at) = conn.session.borrow().poll_timeout() {
+        worker.schedule_timer(id, at);
+    }
     let writer = tokio_uring::spawn(write_loop(worker.clone(), conn.clone()));
     read_loop(&worker, &conn).await;
-    let mut events = Vec::new();
-    conn.session
-        .borrow_mut()
-        .on_close(worker.shared.cores, &mut events);
-    worker.dispatch(&mut events, &*conn);
+    conn.session.borrow_mut().handle_close(worker.shared.cores);
+    conn.pump_session(&worker);
     worker.flush().await;
     conn.begin_close();
     let _ = writer.await;

@@ -22,12 +22,12 @@ use tokio::sync::Notify;
 
 use self::worker::{Batch, Worker};
 use crate::config::Config;
-use crate::core::auth::Auth;
 use crate::core::log::Durability;
-use crate::core::policy::Policy;
 use crate::core::shard::Shard;
 use crate::limits::RelayLimits;
 use crate::metrics::{Connections, CoreMetrics};
+use crate::tables::auth::Auth;
+use crate::tables::policy::Policy;
 
 /// What every core shares: read-only configuration, the inboxes of the others, counters.
 #[derive(Debug)]
@@ -252,8 +252,9 @@ fn run_core(
                 }
             }
             drop(listener);
-            for conn in core.conns.borrow().all() {
-                conn.shut_down();
+            let conns = core.conns.borrow().all();
+            for conn in conns {
+                conn.shut_down(&core);
             }
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
             while !core.conns.borrow().is_empty() && tokio::time::Instant::now() < deadline {

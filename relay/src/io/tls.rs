@@ -8,8 +8,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsPaths;
-use crate::core::auth::Auth;
-use crate::core::client_ca::DynamicClientVerifier;
+use crate::tables::auth::Auth;
+use crate::tables::client_ca::DynamicClientVerifier;
 
 /// The server configuration; its client verifier trusts the configured CAs and, through
 /// `auth`, every CA a partner is registered with (now and after each change).

@@ -10,7 +10,8 @@
 //! loader, the timer) wait for room, which is the back-pressure.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -96,7 +97,9 @@ pub trait Connection: std::fmt::Debug {
     /// Flush what is pending, then close.
     fn begin_close(&self);
     /// The relay is stopping: say so to the client, then close.
-    fn shut_down(&self);
+    fn shut_down(&self, worker: &Worker);
+    /// The session's timer may be due: let it act on its deadlines.
+    fn on_timer(&self, worker: &Worker, now_ms: u64);
 }
 
 /// A spilled frame to read back: (device, seq, segment, offset, len).
@@ -203,6 +206,8 @@ pub struct Worker {
     flush_wake: Notify,
     pub conns: RefCell<Slab>,
     outgoing: RefCell<Vec<Outgoing>>,
+    /// Session deadlines: (when, connection); stale entries are skipped by the session.
+    session_timers: RefCell<BinaryHeap<Reverse<(u64, ConnId)>>>,
     /// Control changes taken and not yet answered by the shard.
     control_waiting: RefCell<HashMap<Ticket, Arc<ControlReply>>>,
     next_session: Cell<u64>,
@@ -229,6 +234,7 @@ impl Worker {
             flush_wake: Notify::new(),
             conns: RefCell::new(Slab::default()),
             outgoing: RefCell::new((0..cores).map(|_| Outgoing::default()).collect()),
+            session_timers: RefCell::new(BinaryHeap::new()),
             control_waiting: RefCell::new(HashMap::new()),
             next_session: Cell::new(1),
         }
@@ -283,6 +289,29 @@ impl Worker {
         }
     }
 
+    /// Asks for `conn`'s `on_timer` at `at` (milliseconds since the epoch).
+    pub fn schedule_timer(&self, conn: ConnId, at: u64) {
+        self.session_timers.borrow_mut().push(Reverse((at, conn)));
+    }
+
+    /// Lets every session whose deadline passed act on it.
+    fn fire_session_timers(&self, now: u64) {
+        loop {
+            let due = {
+                let mut timers = self.session_timers.borrow_mut();
+                match timers.peek() {
+                    Some(Reverse((at, _))) if *at <= now => timers.pop(),
+                    _ => None,
+                }
+            };
+            let Some(Reverse((_, id))) = due else { break };
+            let conn = self.conns.borrow().get(id);
+            if let Some(conn) = conn {
+                conn.on_timer(self, now);
+            }
+        }
+    }
+
     /// Carries out what a session asked for.
     pub fn dispatch(&self, events: &mut Vec<SessionEvent>, conn: &dyn Connection) {
         for event in events.drain(..) {
@@ -294,6 +323,14 @@ impl Worker {
                     }
                 }
                 SessionEvent::Refused(code) => self.metrics().error(code),
+                SessionEvent::PolicyChecked { refused } => {
+                    let m = self.metrics();
+                    m.policy_checked.fetch_add(1, Ordering::Relaxed);
+                    if refused {
+                        m.policy_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                SessionEvent::Contact(contact) => self.shared.policy.record_contact(contact),
                 SessionEvent::Close => conn.begin_close(),
             }
         }
@@ -638,7 +675,9 @@ impl Worker {
                 return;
             }
             let started = Instant::now();
-            self.shard.borrow_mut().handle_timeout(now_ms());
+            let now = now_ms();
+            self.fire_session_timers(now);
+            self.shard.borrow_mut().handle_timeout(now);
             self.drain_shard();
             self.flush().await;
             self.end_turn(started);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use codec::{DeviceAddress, ErrorCode, MessageId, UserAddress};
 
 use super::Shard;
-use super::interface::{Refusal, Routed, ShardOutput, ShardStats};
+use super::interface::{AckOf, Refusal, Routed, ShardOutput, ShardStats};
 use super::state::DeviceState;
 use crate::core::queue::Queued;
 use crate::limits::RelayLimits;
@@ -22,6 +22,7 @@ impl Shard {
         self.stats.refused += 1;
         self.out.push_back(ShardOutput::Ack {
             conn: routed.reply_to,
+            of: AckOf::Routed,
             id: routed.id,
             address: routed.sender,
             result: Err(refusal),
@@ -45,6 +46,7 @@ impl Shard {
             // The first copy may not be stored yet: this ack waits for it too.
             return self.emit_when_stored(ShardOutput::Ack {
                 conn: routed.reply_to,
+                of: AckOf::Routed,
                 id: routed.id,
                 address: routed.sender,
                 result: Ok(()),
@@ -93,6 +95,7 @@ impl Shard {
         self.compact_expiry();
         self.emit_when_stored(ShardOutput::Ack {
             conn: routed.reply_to,
+            of: AckOf::Routed,
             id: routed.id,
             address: routed.sender,
             result: Ok(()),

@@ -185,9 +185,14 @@ impl Shard {
         for (_, output) in self.awaiting.drain(..) {
             let refused = match output {
                 ShardOutput::Ack {
-                    conn, id, address, ..
+                    conn,
+                    of,
+                    id,
+                    address,
+                    ..
                 } => ShardOutput::Ack {
                     conn,
+                    of,
                     id,
                     address,
                     result: Err(Refusal::storage_unavailable()),

@@ -124,6 +124,14 @@ impl Refusal {
     }
 }
 
+/// What a relay `Ack` answers: a routed envelope or receipt (what a session's in-flight bound
+/// counts), or a server's `DeviceList`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOf {
+    Routed,
+    DeviceList,
+}
+
 /// What the shard asks the IO shell to do.
 #[derive(Debug, Clone)]
 pub enum ShardOutput {
@@ -138,6 +146,7 @@ pub enum ShardOutput {
     /// Write the relay's `Ack` for `id` (sent by `address`).
     Ack {
         conn: ConnId,
+        of: AckOf,
         id: MessageId,
         address: DeviceAddress,
         result: Result<(), Refusal>,

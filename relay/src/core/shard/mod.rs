@@ -29,7 +29,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use bytes::Bytes;
 use codec::{DeviceAddress, DeviceId, MessageId, UserAddress};
 
-use self::interface::{ShardInput, ShardOutput, ShardStats};
+use self::interface::{AckOf, ShardInput, ShardOutput, ShardStats};
 use self::state::Directory;
 use super::DeviceSet;
 use super::dedup::Dedup;
@@ -98,6 +98,7 @@ impl Shard {
                 let result = self.set_devices(user, &devices);
                 let ack = ShardOutput::Ack {
                     conn: reply_to,
+                    of: AckOf::DeviceList,
                     id: request_id,
                     address: user.device(DeviceId(0)),
                     result,

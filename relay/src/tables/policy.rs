@@ -1,8 +1,12 @@
 //! The interop rules the data plane enforces on every envelope, receipt and signal that
 //! crosses networks: partner status, enlistment (opt-in), the recipient's consent model, the
 //! location rule and test-only partners. The control plane (`crate::control`) writes this
-//! table; sessions read it before routing. Traffic within one network is not interop and
-//! passes untouched (principle 6: the rules bind partners and the gatekeeper alike).
+//! table; sessions read it before routing ([`Policy::check`] decides and writes nothing).
+//! The one write from the data plane's side is [`Policy::record_contact`], which the IO shell
+//! calls with the first contacts sessions report: the pair is marked (so the reply is let
+//! through at once) and the event queued for the control plane to store. Traffic within one
+//! network is not interop and passes untouched (principle 6: the rules bind partners and the
+//! gatekeeper alike).
 //!
 //! The table is a set of concurrent maps (dashmap: sharded read-write locks) rather than
 //! per-core copies: it is read once or twice per cross-network frame and written only by the
@@ -174,9 +178,26 @@ pub struct Policy {
     pairs_of: Map<UserAddress, Vec<(UserAddress, Party)>>,
     contacts: Sender<ContactEvent>,
     contacts_rx: Receiver<ContactEvent>,
-    /// Cross-network frames checked, and refused, since start (for `/metrics`).
-    pub checked: AtomicU64,
-    pub refused: AtomicU64,
+}
+
+/// What [`Policy::check`] decided for one cross-network frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub result: Result<(), ErrorCode>,
+    /// A first contact for the shell to record ([`Policy::record_contact`]).
+    pub contact: Option<ContactEvent>,
+    /// The frame crossed networks with the rules enforced (for the `/metrics` counters).
+    pub checked: bool,
+}
+
+impl Verdict {
+    fn pass() -> Verdict {
+        Verdict {
+            result: Ok(()),
+            contact: None,
+            checked: false,
+        }
+    }
 }
 
 impl Policy {
@@ -192,8 +213,6 @@ impl Policy {
             pairs_of: Map::default(),
             contacts: tx,
             contacts_rx: rx,
-            checked: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
         }
     }
 
@@ -311,67 +330,60 @@ impl Policy {
         &self.contacts_rx
     }
 
-    /// Whether `sender` may reach `recipient` now; `Err` is the code of the refusal.
-    pub fn check(&self, sender: &UserAddress, recipient: &UserAddress) -> Result<(), ErrorCode> {
+    /// Whether `sender` may reach `recipient` now, and the first contact this frame makes.
+    /// A pure decision: nothing is recorded.
+    pub fn check(&self, sender: &UserAddress, recipient: &UserAddress) -> Verdict {
         if sender.network == recipient.network || !self.enforced() {
-            return Ok(());
+            return Verdict::pass();
         }
-        self.checked.fetch_add(1, Ordering::Relaxed);
-        let verdict = self.decide(sender, recipient, true);
-        if verdict.is_err() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+        let (result, contact) = self.decide(sender, recipient);
+        Verdict {
+            result,
+            contact,
+            checked: true,
         }
-        verdict
     }
 
-    /// What [`Policy::check`] would answer, without recording anything (discovery uses it
-    /// to tell "reach directly" from "a request first").
+    /// What [`Policy::check`] answers (discovery uses it to tell "reach directly" from "a
+    /// request first").
     pub fn peek(&self, sender: &UserAddress, recipient: &UserAddress) -> Result<(), ErrorCode> {
-        if sender.network == recipient.network || !self.enforced() {
-            return Ok(());
-        }
-        self.decide(sender, recipient, false)
+        self.check(sender, recipient).result
     }
 
     fn decide(
         &self,
         sender: &UserAddress,
         recipient: &UserAddress,
-        record: bool,
-    ) -> Result<(), ErrorCode> {
+    ) -> (Result<(), ErrorCode>, Option<ContactEvent>) {
         // A network the registry does not know (removed from the configuration, say)
         // neither sends nor receives across networks.
         let (Some(sender_network), Some(recipient_network)) = (
             self.network_status(sender.network),
             self.network_status(recipient.network),
         ) else {
-            return Err(ErrorCode::NetworkUnknown);
+            return (Err(ErrorCode::NetworkUnknown), None);
         };
         if sender_network == PartnerStatus::Suspended
             || recipient_network == PartnerStatus::Suspended
         {
-            return Err(ErrorCode::PartnerSuspended);
+            return (Err(ErrorCode::PartnerSuspended), None);
         }
-        let from = self
-            .users
-            .get(sender)
-            .filter(|p| p.enlisted)
-            .ok_or(ErrorCode::SenderNotEnlisted)?;
+        let Some(from) = self.users.get(sender).filter(|p| p.enlisted) else {
+            return (Err(ErrorCode::SenderNotEnlisted), None);
+        };
         if !from.in_region {
-            return Err(ErrorCode::SenderOutsideRegion);
+            return (Err(ErrorCode::SenderOutsideRegion), None);
         }
-        let to = self
-            .users
-            .get(recipient)
-            .filter(|p| p.enlisted)
-            .ok_or(ErrorCode::RecipientNotEnlisted)?;
+        let Some(to) = self.users.get(recipient).filter(|p| p.enlisted) else {
+            return (Err(ErrorCode::RecipientNotEnlisted), None);
+        };
         // Where the recipient is, is for those it accepted: checked after its consent, so a
         // sender it has not accepted learns nothing of it but "pending".
         let to_in_region = to.in_region;
         if (sender_network == PartnerStatus::Testing && !to.test)
             || (recipient_network == PartnerStatus::Testing && !from.test)
         {
-            return Err(ErrorCode::PartnerTesting);
+            return (Err(ErrorCode::PartnerTesting), None);
         }
         let user = Party::User(*sender);
         let party = match to.model {
@@ -392,18 +404,37 @@ impl Policy {
         };
         match party {
             Some(party) if !allowed => {
-                if record {
-                    self.request(*sender, *recipient, party);
-                }
-                Err(ErrorCode::MessageRequestPending)
+                let first = !self.requested.contains_key(&(*recipient, party));
+                let contact = first.then_some(ContactEvent::Requested {
+                    sender: *sender,
+                    recipient: *recipient,
+                    party,
+                });
+                (Err(ErrorCode::MessageRequestPending), contact)
             }
-            _ if !to_in_region => Err(ErrorCode::RecipientOutsideRegion),
+            _ if !to_in_region => (Err(ErrorCode::RecipientOutsideRegion), None),
             _ => {
-                if record {
-                    self.wrote(*sender, *recipient);
-                }
-                Ok(())
+                let first = !self.has_accepted(sender, Party::User(*recipient));
+                let contact = first.then_some(ContactEvent::Wrote {
+                    sender: *sender,
+                    recipient: *recipient,
+                });
+                (Ok(()), contact)
             }
+        }
+    }
+
+    /// Records a first contact a session reported: the pair is marked and the event queued
+    /// for the control plane. With the queue full nothing is marked, and the next frame of the
+    /// pair reports it again.
+    pub fn record_contact(&self, event: ContactEvent) {
+        match event {
+            ContactEvent::Wrote { sender, recipient } => self.wrote(sender, recipient),
+            ContactEvent::Requested {
+                sender,
+                recipient,
+                party,
+            } => self.request(sender, recipient, party),
         }
     }
 
@@ -465,6 +496,19 @@ mod tests {
         }
     }
 
+    /// What a session and its shell do with one frame: decide, then record the contact.
+    fn check(
+        policy: &Policy,
+        sender: &UserAddress,
+        recipient: &UserAddress,
+    ) -> Result<(), ErrorCode> {
+        let verdict = policy.check(sender, recipient);
+        if let Some(contact) = verdict.contact {
+            policy.record_contact(contact);
+        }
+        verdict.result
+    }
+
     /// An enforcing policy with networks 1 and 2 active.
     fn policy() -> Policy {
         let policy = Policy::new(true);
@@ -476,9 +520,9 @@ mod tests {
     #[test]
     fn same_network_traffic_is_not_interop() {
         let policy = policy();
-        assert_eq!(policy.check(&user(1, 1), &user(1, 2)), Ok(()));
+        assert_eq!(check(&policy, &user(1, 1), &user(1, 2)), Ok(()));
         assert_eq!(
-            policy.check(&user(1, 1), &user(2, 2)),
+            check(&policy, &user(1, 1), &user(2, 2)),
             Err(ErrorCode::SenderNotEnlisted)
         );
     }
@@ -488,20 +532,23 @@ mod tests {
         let policy = policy();
         let (a, b) = (user(1, 1), user(2, 2));
         policy.set_user(a, enlisted(ConsentModel::Everyone));
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::RecipientNotEnlisted));
+        assert_eq!(check(&policy, &a, &b), Err(ErrorCode::RecipientNotEnlisted));
         policy.set_user(b, enlisted(ConsentModel::Everyone));
-        assert_eq!(policy.check(&a, &b), Ok(()));
+        assert_eq!(check(&policy, &a, &b), Ok(()));
         policy.update_user(&b, |p| p.in_region = false);
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::RecipientOutsideRegion));
-        assert_eq!(policy.check(&b, &a), Err(ErrorCode::SenderOutsideRegion));
+        assert_eq!(
+            check(&policy, &a, &b),
+            Err(ErrorCode::RecipientOutsideRegion)
+        );
+        assert_eq!(check(&policy, &b, &a), Err(ErrorCode::SenderOutsideRegion));
         policy.update_user(&b, |p| p.in_region = true);
         policy.set_network(NetworkId(2), PartnerStatus::Testing);
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::PartnerTesting));
+        assert_eq!(check(&policy, &a, &b), Err(ErrorCode::PartnerTesting));
         policy.update_user(&a, |p| p.test = true);
-        assert_eq!(policy.check(&a, &b), Ok(()));
+        assert_eq!(check(&policy, &a, &b), Ok(()));
         policy.set_network(NetworkId(2), PartnerStatus::Suspended);
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::PartnerSuspended));
-        assert_eq!(policy.check(&b, &a), Err(ErrorCode::PartnerSuspended));
+        assert_eq!(check(&policy, &a, &b), Err(ErrorCode::PartnerSuspended));
+        assert_eq!(check(&policy, &b, &a), Err(ErrorCode::PartnerSuspended));
     }
 
     #[test]
@@ -510,8 +557,14 @@ mod tests {
         let (a, b) = (user(1, 1), user(2, 2));
         policy.set_user(a, enlisted(ConsentModel::RequestAlways));
         policy.set_user(b, enlisted(ConsentModel::RequestAlways));
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::MessageRequestPending));
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::MessageRequestPending));
+        assert_eq!(
+            check(&policy, &a, &b),
+            Err(ErrorCode::MessageRequestPending)
+        );
+        assert_eq!(
+            check(&policy, &a, &b),
+            Err(ErrorCode::MessageRequestPending)
+        );
         let events: Vec<ContactEvent> = policy.contact_events().try_iter().collect();
         assert_eq!(
             events,
@@ -528,8 +581,8 @@ mod tests {
             ]
         );
         policy.accept(b, Party::User(a));
-        assert_eq!(policy.check(&a, &b), Ok(()));
-        assert_eq!(policy.check(&b, &a), Ok(()));
+        assert_eq!(check(&policy, &a, &b), Ok(()));
+        assert_eq!(check(&policy, &b, &a), Ok(()));
     }
 
     #[test]
@@ -543,10 +596,16 @@ mod tests {
         let mut to = enlisted(ConsentModel::RequestUnknown);
         to.contact_book = Arc::new([[7; 32]].into_iter().collect());
         policy.set_user(b, to);
-        assert_eq!(policy.check(&a, &b), Ok(()));
-        assert_eq!(policy.check(&c, &b), Err(ErrorCode::MessageRequestPending));
+        assert_eq!(check(&policy, &a, &b), Ok(()));
+        assert_eq!(
+            check(&policy, &c, &b),
+            Err(ErrorCode::MessageRequestPending)
+        );
         policy.update_user(&b, |p| p.model = ConsentModel::RequestPerNetwork);
-        assert_eq!(policy.check(&a, &b), Err(ErrorCode::MessageRequestPending));
+        assert_eq!(
+            check(&policy, &a, &b),
+            Err(ErrorCode::MessageRequestPending)
+        );
         assert!(policy.contact_events().try_iter().any(|e| e
             == ContactEvent::Requested {
                 sender: a,
@@ -554,8 +613,8 @@ mod tests {
                 party: Party::Network(NetworkId(1))
             }));
         policy.accept(b, Party::Network(NetworkId(1)));
-        assert_eq!(policy.check(&a, &b), Ok(()));
-        assert_eq!(policy.check(&c, &b), Ok(()));
+        assert_eq!(check(&policy, &a, &b), Ok(()));
+        assert_eq!(check(&policy, &c, &b), Ok(()));
     }
 
     #[test]
@@ -582,16 +641,16 @@ mod tests {
         policy.set_user(user(1, 1), enlisted(ConsentModel::Everyone));
         policy.set_user(user(3, 3), enlisted(ConsentModel::Everyone));
         assert_eq!(
-            policy.check(&user(1, 1), &user(3, 3)),
+            check(&policy, &user(1, 1), &user(3, 3)),
             Err(ErrorCode::NetworkUnknown)
         );
         assert_eq!(
-            policy.check(&user(3, 3), &user(1, 1)),
+            check(&policy, &user(3, 3), &user(1, 1)),
             Err(ErrorCode::NetworkUnknown)
         );
         policy.retain_networks(&[NetworkId(1)]);
         assert_eq!(
-            policy.check(&user(1, 1), &user(2, 2)),
+            check(&policy, &user(1, 1), &user(2, 2)),
             Err(ErrorCode::NetworkUnknown)
         );
     }
@@ -606,7 +665,10 @@ mod tests {
         policy.accept(a, Party::User(b));
         policy.accept(b, Party::User(a));
         policy.accept(a, Party::User(c));
-        assert_eq!(policy.check(&c, &b), Err(ErrorCode::MessageRequestPending));
+        assert_eq!(
+            check(&policy, &c, &b),
+            Err(ErrorCode::MessageRequestPending)
+        );
         policy.remove_user(&b);
         assert!(!policy.has_accepted(&a, Party::User(b)));
         assert!(!policy.has_accepted(&b, Party::User(a)));
@@ -614,7 +676,10 @@ mod tests {
         // b's pending request from c is forgotten too: a new one would be recorded.
         policy.set_user(b, enlisted(ConsentModel::RequestAlways));
         let _ = policy.contact_events().try_iter().count();
-        assert_eq!(policy.check(&c, &b), Err(ErrorCode::MessageRequestPending));
+        assert_eq!(
+            check(&policy, &c, &b),
+            Err(ErrorCode::MessageRequestPending)
+        );
         assert!(policy.contact_events().try_iter().any(|e| matches!(
             e,
             ContactEvent::Requested { recipient, .. } if recipient == b
@@ -624,6 +689,6 @@ mod tests {
     #[test]
     fn off_in_the_lab() {
         let policy = Policy::new(false);
-        assert_eq!(policy.check(&user(1, 1), &user(2, 2)), Ok(()));
+        assert_eq!(check(&policy, &user(1, 1), &user(2, 2)), Ok(()));
     }
 }

@@ -6,14 +6,45 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use codec::{ArchivedHello, ErrorCode, NetworkId, Role};
+use codec::{ArchivedHello, DeviceAddress, ErrorCode, NetworkId, Role, UserAddress};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use rkyv::option::ArchivedOption;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 
-use super::Principal;
 use super::client_ca::{DynamicClientVerifier, webpki_verifier};
+
+/// Who an established session speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// A server of one network (gatekeeper or partner: the same rules): any of its users.
+    Server { network: NetworkId },
+    /// One device, authenticated by a token its network signed.
+    Device { device: DeviceAddress },
+}
+
+impl Principal {
+    /// The network the session speaks for.
+    pub fn network(&self) -> NetworkId {
+        match self {
+            Principal::Server { network } => *network,
+            Principal::Device { device } => device.network,
+        }
+    }
+
+    /// Whether this session may send as (or acknowledge for) `address`.
+    pub fn may_act_as(&self, address: &DeviceAddress) -> bool {
+        match self {
+            Principal::Server { network } => address.network == *network,
+            Principal::Device { device } => address == device,
+        }
+    }
+
+    /// Whether this session may speak for every device of `user` (declare its device set).
+    pub fn may_manage(&self, user: &UserAddress) -> bool {
+        matches!(self, Principal::Server { network } if user.network == *network)
+    }
+}
 
 /// One network the relay serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
