@@ -1431,3 +1431,38 @@ async fn suspension_closes_direct_device_sessions() {
     }
     device.expect_error(ErrorCode::PartnerSuspended).await;
 }
+
+/// A control change that a stalled core cannot take in time is answered
+/// `DATA_PLANE_UNAVAILABLE` (503) and changes nothing: neither the stored record nor the
+/// shard's device set, not even once the core resumes and finds the abandoned change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_a_stalled_core_cannot_take_changes_nothing() {
+    let relay = ControlRelay::start("stalled_core");
+    let a = user(GATEKEEPER, 0x11);
+    let b = user(PARTNER, 0x21);
+    relay.enlist(&a, &Enlist::default()).await;
+    relay.enlist(&b, &Enlist::default()).await;
+    let shared = relay.server().relay.shared.clone();
+    let hold = common::hold_core(&shared, relay::core::shard_of(&b, shared.cores)).await;
+    let devices = format!("{}/devices", user_path(&b));
+    let answer = relay
+        .api(Who::Partner)
+        .put(&devices, &json!({"devices": [1, 2]}))
+        .await
+        .unwrap();
+    assert_error(&answer, 503, ErrorCode::DataPlaneUnavailable);
+    drop(hold);
+    common::settle_cores(&shared).await;
+    let record = ok(relay.api(Who::Partner).get(&user_path(&b)).await.unwrap());
+    assert_eq!(record["devices"], json!([1]), "the stored record changed");
+    // The shard still knows device 1 only: an envelope listing exactly that set is accepted.
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    let listed = common::envelope_listed(a.device(client::DeviceId(1)), b, &[1]);
+    gatekeeper.send_accepted(&listed, b"still one device").await;
+    // And a change the core can take goes through.
+    ok(relay
+        .api(Who::Partner)
+        .put(&devices, &json!({"devices": [1, 2]}))
+        .await
+        .unwrap());
+}

@@ -1269,3 +1269,71 @@ async fn an_expired_frame_is_never_delivered() {
     relay.wait_metric("relay_queue_frames", |n| n == 0).await;
     relay.stop().await;
 }
+
+/// A core keeps taking work while another core is stalled with a full inbox: its inbox task
+/// does not wait for room in the other's inbox (what it cannot send waits in its outgoing
+/// batches), so two cores with full inboxes never wait on each other. Core 1 is held with
+/// its inbox full; core 0 is handed work whose every output is for core 1, then a barrier,
+/// which it must answer while core 1 is still held. Once released, both catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cores_with_full_inboxes_make_progress() {
+    use relay::core::ConnId;
+    use relay::core::shard::interface::{Routed, ShardInput};
+    use relay::io::worker::WorkerMsg;
+
+    let limits = RelayLimits {
+        cross_core_inbox_batches_max: 1,
+        ..RelayLimits::default()
+    };
+    let relay = TestRelay::start_with("full_inboxes", limits);
+    let shared = relay.shared().clone();
+    assert_eq!(shared.cores, 2);
+    // Envelopes for users of `core`'s shard whose acks go to a connection of the other core.
+    let flood = |core: u16, count: usize| -> Vec<WorkerMsg> {
+        let other = ConnId {
+            core: 1 - core,
+            slot: 999_999,
+            generation: 1,
+        };
+        (0u128..)
+            .map(|u| common::user(PARTNER, u))
+            .filter(|u| relay::core::shard_of(u, 2) == core)
+            .take(count)
+            .map(|recipient| {
+                WorkerMsg::Shard(ShardInput::Envelope(Routed {
+                    sender: device(GATEKEEPER, 1, 1),
+                    recipient,
+                    listed: None,
+                    id: common::new_id(),
+                    ephemeral: false,
+                    ttl_seconds: 60,
+                    frame: bytes::Bytes::from_static(b"never decoded"),
+                    reply_to: other,
+                }))
+            })
+            .collect()
+    };
+    let held = common::hold_core(&shared, 1).await;
+    let (to_core_1, to_core_0) = (flood(1, 1000), flood(0, 1000));
+    let (senders, notifies) = (shared.senders.clone(), shared.notifies.clone());
+    let answered = tokio::task::spawn_blocking(move || {
+        // Core 1's inbox is full behind the hold; core 0's work is all for core 1.
+        senders[1].send(to_core_1).unwrap();
+        senders[0].send(to_core_0).unwrap();
+        notifies[0].notify_one();
+        let (done, handled) = crossbeam_channel::bounded(1);
+        senders[0].send(vec![WorkerMsg::Barrier(done)]).unwrap();
+        notifies[0].notify_one();
+        handled.recv_timeout(Duration::from_secs(10)).is_ok()
+    })
+    .await
+    .unwrap();
+    assert!(
+        answered,
+        "core 0 stopped taking work while core 1's inbox was full"
+    );
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(30), common::settle_cores(&shared))
+        .await
+        .expect("the cores did not catch up once released");
+}

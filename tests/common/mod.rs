@@ -137,6 +137,11 @@ impl TestRelay {
         TestRelay::start_with(name, RelayLimits::default())
     }
 
+    /// What the cores share: their inboxes, metrics and tables.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     pub fn start_with(name: &str, limits: RelayLimits) -> TestRelay {
         TestRelay::start_configured(name, |_, config| config.limits = limits)
     }
@@ -292,20 +297,7 @@ impl TestRelay {
     /// Returns once every core has handled everything sent to its inbox before the call
     /// (and handed the outputs on): work a closed session routed is then in its shard.
     pub async fn settle(&self) {
-        let shared = self.shared.clone();
-        let settling = tokio::task::spawn_blocking(move || {
-            for (core, inbox) in shared.senders.iter().enumerate() {
-                let (done, handled) = crossbeam_channel::bounded(1);
-                inbox
-                    .send(vec![WorkerMsg::Barrier(done)])
-                    .expect("a running core's inbox");
-                shared.notifies[core].notify_one();
-                handled
-                    .recv_timeout(STEP_TIMEOUT)
-                    .unwrap_or_else(|_| panic!("core {core} did not settle in {STEP_TIMEOUT:?}"));
-            }
-        });
-        settling.await.expect("settling panicked");
+        settle_cores(&self.shared).await;
     }
 
     /// Stops the relay (off the async threads: it joins the relay's cores) and returns how
@@ -853,4 +845,45 @@ pub fn devices_of(deliveries: &[Delivered]) -> BTreeSet<u32> {
 /// A PEM file's contents, for TLS set-ups built by hand.
 pub fn read_pem(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Returns once every core has handled everything sent to its inbox before the call.
+pub async fn settle_cores(shared: &std::sync::Arc<relay::io::Shared>) {
+    let shared = shared.clone();
+    let settling = tokio::task::spawn_blocking(move || {
+        for (core, inbox) in shared.senders.iter().enumerate() {
+            let (done, handled) = crossbeam_channel::bounded(1);
+            inbox
+                .send(vec![WorkerMsg::Barrier(done)])
+                .expect("a running core's inbox");
+            shared.notifies[core].notify_one();
+            handled
+                .recv_timeout(STEP_TIMEOUT)
+                .unwrap_or_else(|_| panic!("core {core} did not settle in {STEP_TIMEOUT:?}"));
+        }
+    });
+    settling.await.expect("settling panicked");
+}
+
+/// Stalls core `core` (its thread waits) until the returned sender is dropped; returns once
+/// the core has stopped.
+pub async fn hold_core(
+    shared: &std::sync::Arc<relay::io::Shared>,
+    core: u16,
+) -> crossbeam_channel::Sender<()> {
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded(1);
+    let index = usize::from(core);
+    shared.senders[index]
+        .send(vec![WorkerMsg::Hold {
+            entered: entered_tx,
+            release: release_rx,
+        }])
+        .expect("a running core's inbox");
+    shared.notifies[index].notify_one();
+    tokio::task::spawn_blocking(move || entered.recv_timeout(STEP_TIMEOUT))
+        .await
+        .expect("waiting for the hold")
+        .expect("the core stopped in time");
+    release
 }

@@ -43,6 +43,12 @@ pub enum WorkerMsg {
     /// Answered once everything before it in this core's inbox has been handled and its
     /// outputs handed on (tests and tools use it to know a core has caught up).
     Barrier(crossbeam_channel::Sender<()>),
+    /// Fault injection for tests: the core says it stopped (`entered`), then its thread waits
+    /// until `release` is signalled or dropped: a stalled core, as a hung disk or a bug makes.
+    Hold {
+        entered: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    },
 }
 
 pub type Batch = Vec<WorkerMsg>;
@@ -647,6 +653,10 @@ impl Worker {
                 WorkerMsg::Shard(input) => self.shard.borrow_mut().handle(now, input),
                 WorkerMsg::Conn(output) => self.apply(output),
                 WorkerMsg::Barrier(done) => barriers.push(done),
+                WorkerMsg::Hold { entered, release } => {
+                    let _ = entered.send(());
+                    let _ = release.recv();
+                }
                 WorkerMsg::Control {
                     ticket,
                     change,
