@@ -1279,7 +1279,7 @@ async fn an_expired_frame_is_never_delivered() {
 async fn two_cores_with_full_inboxes_make_progress() {
     use relay::core::ConnId;
     use relay::core::shard::interface::{Routed, ShardInput};
-    use relay::io::worker::WorkerMsg;
+    use relay::io::shared::WorkerMsg;
 
     let limits = RelayLimits {
         cross_core_inbox_batches_max: 1,

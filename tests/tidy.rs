@@ -26,28 +26,7 @@ const CORE_FILE_LINES_MAX: usize = 600;
 /// Pairs of `relay/src` files (relative to it) that import each other and are tolerated for
 /// now, each with what removes it. Only shrink it: an entry that no longer applies fails the
 /// test, so that a fixed pair cannot come back unnoticed.
-const MUTUAL_IMPORTS_ALLOWED: &[(&str, &str)] = &[
-    // to remove: `prune_events` (events.rs) names `super::partners::Partner` only to list the
-    // network ids; a `partner_ids()` method in partners.rs, which owns the PARTNERS table,
-    // would do, and events.rs would know nothing of partners.
-    ("control/events.rs", "control/partners.rs"),
-    // to remove: requests.rs reads and writes `UserRecord` and `Accepted` (users.rs) while
-    // users.rs calls `requests::forget_requests_to` on opt-out; the stored user types
-    // (`ConsentRecord`, `consent_message`, `Attestation`, `Accepted`, `UserRecord`) belong in
-    // a module of their own that both use (users.rs re-exporting them).
-    ("control/requests.rs", "control/users.rs"),
-    // to remove: api.rs takes `HttpContext` and `Peer` from mod.rs, which calls `api::router`
-    // and `api::run_background`; `Render`, `HttpContext` and `Peer` belong in api.rs (mod.rs
-    // re-exporting them).
-    ("http/api.rs", "http/mod.rs"),
-    // to remove: conn.rs takes the clock from mod.rs (`use super::now_ms`), which spawns
-    // `conn::serve`; conn.rs can take `devkit::now_ms` as mod.rs does.
-    ("io/conn.rs", "io/mod.rs"),
-    // to remove: worker.rs takes `Shared` and `now_ms` from mod.rs, which builds the `Worker`;
-    // `Shared` holds the cores' inboxes of `Batch`es and belongs in worker.rs (mod.rs
-    // re-exporting it), and the clock is `devkit::now_ms` there too.
-    ("io/mod.rs", "io/worker.rs"),
-];
+const MUTUAL_IMPORTS_ALLOWED: &[(&str, &str)] = &[];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,8 +1,10 @@
 //! Article 7 Relay: the server.
 //!
-//! `core` holds the sans-IO state machines (session, shard, queues, auth, the log); `io` the
-//! thread-per-core shell that drives them over TLS sockets and the log's files; `config` and
-//! `pki` what `relay serve` starts from; `metrics` and `http` what `/metrics` exports.
+//! `core` holds the sans-IO state machines (session, shard, queues, the log); `tables` the
+//! concurrent tables every core and the control plane share (auth, client CAs, policy); `io`
+//! the thread-per-core shell that drives the cores over TLS sockets and the log's files;
+//! `control` and `http` the interop control plane and its API; `config` and `pki` what
+//! `relay serve` starts from; `metrics` what `/metrics` exports.
 
 pub mod config;
 pub mod control;

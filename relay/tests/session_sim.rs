@@ -254,6 +254,9 @@ impl World {
                 }
             }
         }
+        for shard in &self.shards {
+            shard.audit()?;
+        }
         self.read_all()
     }
 

@@ -165,6 +165,7 @@ impl World {
             }
         }
         for shard in &self.shards {
+            shard.audit()?;
             let bound = 2 * shard.stats().queued_frames as usize + 4096;
             if shard.expiry_entries() > bound {
                 return Err(format!(

@@ -24,7 +24,7 @@ use client::{
 };
 use codec::{Frame, FrameDecoder, HeaderRef};
 use relay::config::Config;
-use relay::io::worker::WorkerMsg;
+use relay::io::shared::WorkerMsg;
 use relay::io::{Relay, Shared};
 use relay::limits::RelayLimits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

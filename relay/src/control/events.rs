@@ -77,12 +77,7 @@ impl ControlPlane {
         );
         let mut pruned = 0;
         // Each network's feed is a range in time order: prune from its start.
-        let networks: Vec<u32> = self
-            .store
-            .scan::<super::partners::Partner>(super::store::PARTNERS, "")?
-            .into_iter()
-            .map(|(_, p)| p.id)
-            .collect();
+        let networks = self.partner_ids()?;
         for network in networks {
             let prefix = format!("{network:010}|");
             loop {

@@ -14,6 +14,7 @@ pub mod partners;
 pub mod ratelimit;
 pub mod requests;
 pub mod store;
+pub mod user_record;
 pub mod users;
 
 use std::sync::{Arc, Mutex};

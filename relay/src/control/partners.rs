@@ -249,6 +249,12 @@ impl ControlPlane {
     }
 
     /// Pushes the registry into the handshake table and the policy.
+    /// The id of every registered network.
+    pub(super) fn partner_ids(&self) -> ApiResult<Vec<u32>> {
+        let partners = self.store.scan::<Partner>(PARTNERS, "")?;
+        Ok(partners.into_iter().map(|(_, p)| p.id).collect())
+    }
+
     fn sync_networks(&self) -> ApiResult<()> {
         let partners = self.store.scan::<Partner>(PARTNERS, "")?;
         let known: Vec<NetworkId> = partners.iter().map(|(_, p)| NetworkId(p.id)).collect();

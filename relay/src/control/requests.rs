@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::events::{self, EventKind};
 use super::store::{ACCEPTED_BY, REQUEST_INDEX, REQUESTS, StoreResult, Tx, USERS};
-use super::users::{Accepted, UserRecord};
+use super::user_record::{Accepted, UserRecord};
 use super::{ApiError, ApiResult, Caller, ControlPlane, UserRef, caller_network, user_key};
 use crate::tables::policy::{ContactEvent, Party};
 

@@ -20,7 +20,7 @@ use codec::{ErrorCode, NetworkId, UserAddress, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::{HttpContext, Peer};
+use super::context::{HttpContext, Peer};
 use crate::control::discovery::{DiscoveryRequest, Match};
 use crate::control::keys::{Claim, KeyUpload};
 use crate::control::partners::{NewPartner, NewStatus};

@@ -6,6 +6,7 @@
 //! the data plane's cores; control-plane work (store commits) runs on its blocking pool.
 
 pub mod api;
+pub mod context;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,9 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
-use crate::control::ControlPlane;
-
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+pub use self::context::{HttpContext, Peer, Render};
 
 /// How long a connection may take to send its first byte and finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,33 +28,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; past it new ones wait in the kernel's backlog.
 const CONNECTIONS_MAX: usize = 1024;
-
-/// What the HTTP port serves.
-#[derive(Clone)]
-pub struct HttpContext {
-    pub render: Render,
-    /// `None`: no control plane (only `/metrics` and `/healthz`).
-    pub control: Option<Arc<ControlPlane>>,
-    /// The relay's TLS configuration (client certificates asked, not required).
-    pub tls: Option<Arc<ServerConfig>>,
-}
-
-impl std::fmt::Debug for HttpContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpContext")
-            .field("control", &self.control.is_some())
-            .field("tls", &self.tls.is_some())
-            .finish()
-    }
-}
-
-/// How the client reached the port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
-    Plain,
-    /// TLS, with the client certificate (DER) if one was presented.
-    Tls(Option<Arc<[u8]>>),
-}
 
 #[derive(Debug)]
 pub struct HttpServer {

@@ -20,12 +20,12 @@ use rustls::ServerConnection;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::now_ms;
 use super::worker::{Connection, Worker};
 use crate::core::ConnId;
 use crate::core::session::{Session, SessionContext, SessionEvent};
 use crate::core::shard::interface::ShardOutput;
 use crate::tables::auth::Principal;
+use devkit::now_ms;
 
 /// Bytes read from the socket per read: one TLS record's worth, so an idle connection holds
 /// little.

@@ -16,8 +16,7 @@ use bytes::BytesMut;
 use codec::{DeviceId, ErrorCode, NetworkId, Notice, UserAddress};
 use crossbeam_channel::RecvTimeoutError;
 
-use super::Shared;
-use super::worker::{ControlReply, WorkerMsg};
+use super::shared::{ControlReply, Shared, WorkerMsg};
 use crate::control::{ApiError, ApiResult, DataPlane};
 use crate::core::shard::interface::{ControlChange, Ticket};
 use crate::core::shard_of;
@@ -75,9 +74,19 @@ impl ShardInjector {
             Err(RecvTimeoutError::Timeout) => match answered.recv_timeout(CONTROL_COMMIT_TIMEOUT) {
                 Ok(result) => result,
                 Err(_) => {
-                    return Err(unavailable(
+                    // The one answer that is not "all or nothing": the shard holds the change
+                    // in memory and stores it unless its disk fails (then the shard refuses
+                    // everything until a restart recovers the state before the change).
+                    tracing::error!(
                         shard,
-                        "took the change but did not confirm it stored",
+                        "control plane: a core took a change but did not confirm it stored in {CONTROL_COMMIT_TIMEOUT:?}"
+                    );
+                    return Err(ApiError::new(
+                        ErrorCode::DataPlaneUnavailable,
+                        format!(
+                            "the data plane (core {shard}) took the change but has not confirmed it stored; \
+                             the control record was not changed; retry later"
+                        ),
                     ));
                 }
             },

@@ -4,6 +4,7 @@
 
 pub mod conn;
 pub mod inject;
+pub mod shared;
 pub mod store;
 pub mod tls;
 pub mod worker;
@@ -15,39 +16,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
-use rustls::ServerConfig;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Notify;
 
-use self::worker::{Batch, Worker};
+use self::shared::Batch;
+pub use self::shared::Shared;
+use self::worker::Worker;
 use crate::config::Config;
 use crate::core::log::Durability;
 use crate::core::shard::Shard;
-use crate::limits::RelayLimits;
 use crate::metrics::{Connections, CoreMetrics};
 use crate::tables::auth::Auth;
 use crate::tables::policy::Policy;
-
-/// What every core shares: read-only configuration, the inboxes of the others, counters.
-#[derive(Debug)]
-pub struct Shared {
-    pub cores: u16,
-    pub limits: RelayLimits,
-    pub durability: Durability,
-    pub data_dir: std::path::PathBuf,
-    pub auth: Arc<Auth>,
-    pub policy: Arc<Policy>,
-    pub tls: Arc<ServerConfig>,
-    pub senders: Vec<Sender<Batch>>,
-    /// Wakes a core's inbox task.
-    pub notifies: Vec<Arc<Notify>>,
-    /// Wakes a core's accept loop (to stop it).
-    pub control: Vec<Arc<Notify>>,
-    pub metrics: Vec<Arc<CoreMetrics>>,
-    pub connections: Connections,
-    pub stopping: AtomicBool,
-}
 
 pub use devkit::now_ms;
 

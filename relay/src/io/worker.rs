@@ -14,85 +14,21 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TrySendError};
 use tokio::sync::Notify;
 
+use super::shared::{Batch, ControlReply, Shared, WorkerMsg};
 use super::store::ShardDir;
-use super::{Shared, now_ms};
 use crate::core::ConnId;
 use crate::core::log::{Durability, LogWrite, ShardLog};
 use crate::core::session::SessionEvent;
 use crate::core::shard::Shard;
-use crate::core::shard::interface::{ControlChange, Refusal, ShardInput, ShardOutput, Ticket};
+use crate::core::shard::interface::{ShardInput, ShardOutput, Ticket};
 use crate::limits::{INBOX_BATCHES_PER_TURN, TIMER_TICK};
-
-/// Work one core hands another.
-#[derive(Debug)]
-pub enum WorkerMsg {
-    Shard(ShardInput),
-    Conn(ShardOutput),
-    /// A control-plane change for this core's shard, and who waits for its outcome.
-    Control {
-        ticket: Ticket,
-        change: ControlChange,
-        reply: Arc<ControlReply>,
-    },
-    /// Answered once everything before it in this core's inbox has been handled and its
-    /// outputs handed on (tests and tools use it to know a core has caught up).
-    Barrier(crossbeam_channel::Sender<()>),
-    /// Fault injection for tests: the core says it stopped (`entered`), then its thread waits
-    /// until `release` is signalled or dropped: a stalled core, as a hung disk or a bug makes.
-    Hold {
-        entered: crossbeam_channel::Sender<()>,
-        release: crossbeam_channel::Receiver<()>,
-    },
-}
-
-pub type Batch = Vec<WorkerMsg>;
-
-const PENDING: u8 = 0;
-const TAKEN: u8 = 1;
-const ABANDONED: u8 = 2;
-
-/// The control plane's side of one change: where its outcome goes, and whether anyone still
-/// waits for it. Exactly one of [`ControlReply::take`] (the core) and
-/// [`ControlReply::abandon`] (the control plane, on its deadline) wins, so a change the
-/// control plane reported as not applied is never applied later.
-#[derive(Debug)]
-pub struct ControlReply {
-    state: AtomicU8,
-    answer: crossbeam_channel::Sender<Result<(), Refusal>>,
-}
-
-impl ControlReply {
-    pub fn new(answer: crossbeam_channel::Sender<Result<(), Refusal>>) -> ControlReply {
-        ControlReply {
-            state: AtomicU8::new(PENDING),
-            answer,
-        }
-    }
-
-    /// The core takes the change; `false`: the control plane gave up, apply nothing.
-    pub fn take(&self) -> bool {
-        self.state
-            .compare_exchange(PENDING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    /// The control plane gives up; `false`: the core took the change already.
-    pub fn abandon(&self) -> bool {
-        self.state
-            .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    fn answer(&self, result: Result<(), Refusal>) {
-        let _ = self.answer.try_send(result);
-    }
-}
+use devkit::now_ms;
 
 /// What a worker needs of a connection: somewhere to put the shard's outputs for it, and a
 /// way to end it.
@@ -465,6 +401,7 @@ impl Worker {
                         .store(log.disk_bytes(), Ordering::Relaxed);
                 }
                 self.drain_shard();
+                self.audit_in_debug();
                 self.flush().await;
             }
         }
@@ -505,6 +442,7 @@ impl Worker {
                     self.shard.borrow_mut().on_loaded(device, seq, frame);
                     self.drain_shard();
                 }
+                self.audit_in_debug();
                 self.flush().await;
             }
         }
@@ -699,6 +637,12 @@ impl Worker {
         let m = self.metrics();
         m.turns.fetch_add(1, Ordering::Relaxed);
         m.busy_ns.fetch_add(nanos(started), Ordering::Relaxed);
+        self.audit_in_debug();
+    }
+
+    /// In debug builds, checks every invariant of the shard (after each turn of any task that
+    /// changed it); release builds keep only the shard's cheap assertions.
+    fn audit_in_debug(&self) {
         #[cfg(debug_assertions)]
         if let Err(broken) = self.shard.borrow().audit() {
             panic!("shard {}: invariant broken: {broken}", self.index);
