@@ -1,7 +1,7 @@
 //! The durable log on a simulated disk, deterministic: recovery rebuilds every queue exactly;
 //! a tail torn at every byte offset, a failing sync, a full disk and damage in a middle segment
 //! each end as they must; compaction keeps the disk proportional to what is queued; deleting
-//! a device deletes its frames for good.
+//! a device deletes its frames for good; frames spilled to the log come back byte for byte.
 #![allow(clippy::cast_possible_truncation)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -74,6 +74,8 @@ struct World {
     acks: Vec<(MessageId, Result<(), ErrorCode>)>,
     delivered: Vec<(DeviceAddress, Bytes)>,
     next_id: u128,
+    /// The exact bytes of every envelope handed to the shard.
+    sent: BTreeMap<MessageId, Bytes>,
 }
 
 fn user(n: u32) -> UserAddress {
@@ -94,6 +96,21 @@ impl World {
             acks: Vec::new(),
             delivered: Vec::new(),
             next_id: 1,
+            sent: BTreeMap::new(),
+        }
+    }
+
+    /// The same disk and traffic, served by `shard` (e.g. one recovered from it).
+    fn with_shard(&self, shard: Shard, disk: MemDisk) -> World {
+        World {
+            limits: self.limits,
+            shard,
+            disk,
+            now_ms: self.now_ms,
+            acks: Vec::new(),
+            delivered: Vec::new(),
+            next_id: self.next_id,
+            sent: self.sent.clone(),
         }
     }
 
@@ -205,6 +222,7 @@ impl World {
             flags: 0,
         };
         let frame = encode_to_bytes(&envelope, &[id.0 as u8; 100]).unwrap();
+        self.sent.insert(id, frame.clone());
         let routed = Routed {
             sender,
             recipient: user(u),
@@ -228,6 +246,51 @@ impl World {
 
     fn recover(&self, disk: &mut MemDisk) -> (Shard, RecoveryReport) {
         Shard::recover(self.limits, SEGMENT_BYTES, disk, self.now_ms).unwrap()
+    }
+
+    /// Connects every device of `users` and lets each receive and acknowledge its whole
+    /// queue, which must be `expected` (ids per device, in order): every frame delivered,
+    /// spilled and read back or not, is byte for byte the envelope that was sent.
+    fn deliver_everything(&mut self, expected: &BTreeMap<DeviceAddress, Vec<MessageId>>) {
+        let mut received: BTreeMap<DeviceAddress, usize> = BTreeMap::new();
+        for (slot, device) in expected.keys().enumerate() {
+            let conn = ConnId {
+                core: 0,
+                slot: 100 + slot as u32,
+                generation: 1,
+            };
+            self.handle(ShardInput::AttachDevice {
+                device: *device,
+                conn,
+            });
+        }
+        loop {
+            self.commit();
+            let batch = std::mem::take(&mut self.delivered);
+            if batch.is_empty() {
+                break;
+            }
+            for (device, frame) in batch {
+                let n = received.entry(device).or_default();
+                let Some(&id) = expected.get(&device).and_then(|ids| ids.get(*n)) else {
+                    panic!("{device}: an unexpected delivery after {n} frames");
+                };
+                assert!(
+                    frame == self.sent[&id],
+                    "{device}: frame {n} ({id}) is not the bytes that were sent"
+                );
+                *n += 1;
+                self.handle(ShardInput::DeviceAck { device, id });
+            }
+        }
+        for (device, ids) in expected {
+            assert_eq!(
+                received.get(device).copied().unwrap_or(0),
+                ids.len(),
+                "{device}: frames missing"
+            );
+        }
+        assert_eq!(self.shard.stats().queued_frames, 0);
     }
 
     fn accepted(&self) -> Vec<MessageId> {
@@ -356,6 +419,29 @@ fn recovery_rebuilds_every_queue_exactly() {
             "seed {seed}: {} bytes on disk for {live} live",
             w.disk.used()
         );
+        // Both shards deliver every queued frame as the exact bytes sent, those held only on
+        // disk read back from it. The recovered one first: the live one deletes segments.
+        let expected: BTreeMap<DeviceAddress, Vec<MessageId>> = before
+            .iter()
+            .filter(|(_, _, q)| !q.is_empty())
+            .map(|(u, d, q)| {
+                let ids = q.iter().map(|(_, id, _)| *id).collect();
+                (user(*u).device(DeviceId(*d)), ids)
+            })
+            .collect();
+        let recovered = w.with_shard(recovered, disk);
+        let shard = std::mem::replace(&mut w.shard, Shard::new(limits()));
+        let live = w.with_shard(shard, w.disk.clone());
+        for mut world in [recovered, live] {
+            let stats = world.shard.stats();
+            world.deliver_everything(&expected);
+            if stats.ram_bytes < stats.queued_bytes {
+                assert!(
+                    world.shard.stats().loads > stats.loads,
+                    "seed {seed}: spilled frames delivered without a load"
+                );
+            }
+        }
     });
 }
 
@@ -505,16 +591,7 @@ fn crc_damage_in_a_middle_segment_is_quarantined() {
         "{queued} frames recovered around the damage"
     );
     // What survived from the damaged segment was rewritten: a second crash keeps it.
-    let mut again = recovered;
-    let mut w2 = World {
-        limits: limits(),
-        shard: std::mem::replace(&mut again, Shard::new(limits())),
-        disk,
-        now_ms: w.now_ms,
-        acks: Vec::new(),
-        delivered: Vec::new(),
-        next_id: 0,
-    };
+    let mut w2 = w.with_shard(recovered, disk);
     w2.commit();
     let (twice, report2) = w2.recover(&mut w2.disk.clone());
     assert!(report2.quarantined.is_empty());
@@ -574,8 +651,8 @@ fn compaction_keeps_disk_proportional_to_what_is_queued() {
 }
 
 /// An offline device's backlog leaves memory once stored: the shard keeps at most its memory
-/// budget, and the device still gets every frame, in order, read back from the log when it
-/// connects; after a restart too.
+/// budget, and the device still gets every frame, in order and byte for byte, read back from
+/// the log when it connects; after a restart too.
 #[test]
 fn a_large_offline_backlog_is_spilled_and_read_back_in_order() {
     let budget = 10 * 300;
@@ -602,11 +679,6 @@ fn a_large_offline_backlog_is_spilled_and_read_back_in_order() {
         w.shard.stats().spilled
     );
     let device = user(0).device(DeviceId(1));
-    let conn = ConnId {
-        core: 0,
-        slot: 7,
-        generation: 1,
-    };
     // After a restart with the same budget, and in the running shard: both deliver all.
     let mut disk = w.disk.clone();
     let (recovered, _) = Shard::recover(limits, SEGMENT_BYTES, &mut disk, w.now_ms).unwrap();
@@ -615,36 +687,67 @@ fn a_large_offline_backlog_is_spilled_and_read_back_in_order() {
         "{} bytes in memory after recovery",
         recovered.stats().ram_bytes
     );
-    let mut after_restart = World {
-        limits,
-        shard: recovered,
-        disk,
-        now_ms: w.now_ms,
-        acks: Vec::new(),
-        delivered: Vec::new(),
-        next_id: 0,
-    };
+    let mut after_restart = w.with_shard(recovered, disk);
+    let expected = BTreeMap::from([(device, sent)]);
     for world in [&mut w, &mut after_restart] {
-        world.handle(ShardInput::AttachDevice { device, conn });
-        let mut received = Vec::new();
-        for _ in 0..1000 {
-            world.commit();
-            let batch: Vec<(DeviceAddress, Bytes)> = std::mem::take(&mut world.delivered);
-            if batch.is_empty() {
-                break;
-            }
-            for (to, frame) in batch {
-                assert_eq!(to, device);
-                let HeaderRef::Envelope(e) = decode(&frame).unwrap().header else {
-                    panic!("not an envelope")
-                };
-                let id = e.message_id.get();
-                received.push(id);
-                world.ack(0, 1, id);
-            }
-        }
-        assert_eq!(received, sent, "every frame, in order");
+        world.deliver_everything(&expected);
         assert!(world.shard.stats().loads >= 80);
-        assert_eq!(world.shard.stats().queued_frames, 0);
     }
+}
+
+/// The bytes on disk, pinned: a device set, an enqueue for two devices and a release, as the
+/// shard writes them. Recorded before the targets went inline and the write buffer was
+/// reused; neither may change the format that recovery reads.
+#[test]
+fn the_log_format_is_pinned() {
+    let mut shard = Shard::with_log(limits(), ShardLog::new(1, SEGMENT_BYTES));
+    let recipient = UserAddress::new(NetworkId(2), UserId(7));
+    shard.handle(
+        5,
+        ShardInput::DeviceList {
+            request_id: MessageId(1),
+            user: recipient,
+            devices: vec![DeviceId(1), DeviceId(3)],
+            reply_to: SENDER_CONN,
+        },
+    );
+    shard.handle(
+        10,
+        ShardInput::Envelope(Routed {
+            sender: DeviceAddress::new(NetworkId(1), UserId(3), DeviceId(1)),
+            recipient,
+            listed: None,
+            id: MessageId(99),
+            ephemeral: false,
+            ttl_seconds: 60,
+            frame: Bytes::from_static(b"the whole frame, as received"),
+            reply_to: SENDER_CONN,
+        }),
+    );
+    shard.handle(
+        11,
+        ShardInput::DeviceAck {
+            device: recipient.device(DeviceId(3)),
+            id: MessageId(99),
+        },
+    );
+    let write = shard.take_log_write().unwrap();
+    let [(1, bytes)] = write.chunks.as_slice() else {
+        panic!("{:?}", write.chunks)
+    };
+    assert_eq!(
+        devkit::hex::hex(bytes),
+        concat!(
+            // DeviceSet
+            "1e000000ab14d2c4010200000007000000000000000000000000000000020100000003000000",
+            // Enqueue
+            "86000000d9259450020a000000000000006aea00000000000001000000030000000000000000",
+            "0000000000000001000000630000000000000000000000000000000200000007000000000000",
+            "000000000000000000020100000001000000000000000300000001000000000000001c000000",
+            "7468652077686f6c65206672616d652c206173207265636569766564",
+            // Release
+            "22000000a6cfc519030200000007000000000000000000000000000000030000000100000000",
+            "00000000",
+        )
+    );
 }

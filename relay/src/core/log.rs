@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
+use smallvec::SmallVec;
 
 use super::wal::{self, Record};
 
@@ -62,13 +63,75 @@ impl SegmentStats {
 /// [`ShardLog::on_committed`] with `lsn`.
 #[derive(Debug)]
 pub struct LogWrite {
-    pub chunks: Vec<(u64, Bytes)>,
+    /// Inline: a write spans two segments at most unless it is larger than a segment.
+    pub chunks: SmallVec<[(u64, Bytes); 2]>,
     pub lsn: u64,
+}
+
+/// The size of a write buffer.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Where records wait to be taken, back to back. What is taken is split off the buffer, and
+/// its memory is reused once the IO shell has dropped those chunks; a second buffer takes
+/// turns with it, so that appending goes on without allocating while chunks of one are still
+/// being written.
+#[derive(Debug)]
+struct WriteBuffer {
+    buf: BytesMut,
+    /// The allocation `buf` is in (0: none yet).
+    size: usize,
+    /// The other buffer, empty (or none yet).
+    spare: BytesMut,
+}
+
+impl WriteBuffer {
+    fn new() -> WriteBuffer {
+        WriteBuffer {
+            buf: BytesMut::with_capacity(WRITE_BUFFER_BYTES),
+            size: WRITE_BUFFER_BYTES,
+            spare: BytesMut::new(),
+        }
+    }
+
+    /// Room for `additional` more bytes.
+    fn reserve(&mut self, additional: usize) {
+        if self.buf.try_reclaim(additional) {
+            return;
+        }
+        let needed = self.buf.len() + additional;
+        let (mut next, size) = if self.spare.try_reclaim(needed) {
+            (std::mem::take(&mut self.spare), WRITE_BUFFER_BYTES)
+        } else {
+            // Doubling: a burst between two takes costs a few allocations, not one a record.
+            let size = needed.max(WRITE_BUFFER_BYTES).next_power_of_two();
+            (BytesMut::with_capacity(size), size)
+        };
+        next.extend_from_slice(&self.buf);
+        let mut previous = std::mem::replace(&mut self.buf, next);
+        // Only a buffer of the usual size is kept: one a burst grew goes with its chunks.
+        if self.size == WRITE_BUFFER_BYTES {
+            previous.clear();
+            self.spare = previous;
+        }
+        self.size = size;
+    }
+
+    /// Splits off everything appended.
+    fn take(&mut self) -> BytesMut {
+        let taken = self.buf.split();
+        if self.size > WRITE_BUFFER_BYTES {
+            self.buf = BytesMut::new();
+            self.size = 0;
+        }
+        taken
+    }
 }
 
 #[derive(Debug)]
 pub struct ShardLog {
-    pending: Vec<(u64, BytesMut)>,
+    write: WriteBuffer,
+    /// (segment, bytes of `write`) for each run of records appended to one segment, in order.
+    pending: Vec<(u64, usize)>,
     /// Bytes appended since start (the log sequence number of the end of the log).
     appended: u64,
     committed: u64,
@@ -88,6 +151,7 @@ impl ShardLog {
         let mut segments = BTreeMap::new();
         segments.insert(first, SegmentStats::default());
         ShardLog {
+            write: WriteBuffer::new(),
             pending: Vec::new(),
             appended: 0,
             committed: 0,
@@ -140,15 +204,19 @@ impl ShardLog {
         let segment = self.current;
         let offset = self.segments.get(&segment).map_or(0, |s| s.bytes);
         if self.pending.last().is_none_or(|(s, _)| *s != segment) {
-            self.pending
-                .push((segment, BytesMut::with_capacity(64 * 1024)));
+            self.pending.push((segment, 0));
         }
-        let Some((_, buf)) = self.pending.last_mut() else {
-            return (segment, offset);
-        };
+        let len = wal::encoded_len(record);
+        self.write.reserve(len);
+        let buf = &mut self.write.buf;
         let before = buf.len();
         wal::encode(buf, record);
-        let written = (buf.len() - before) as u64;
+        let written = buf.len() - before;
+        debug_assert_eq!(written, len);
+        if let Some((_, run)) = self.pending.last_mut() {
+            *run += written;
+        }
+        let written = written as u64;
         self.appended += written;
         if let Some(stats) = self.segments.get_mut(&segment) {
             stats.bytes += written;
@@ -172,10 +240,11 @@ impl ShardLog {
         if self.pending.is_empty() {
             return None;
         }
+        let mut all = self.write.take();
         let chunks = self
             .pending
             .drain(..)
-            .map(|(segment, buf)| (segment, buf.freeze()))
+            .map(|(segment, len)| (segment, all.split_to(len).freeze()))
             .collect();
         Some(LogWrite {
             chunks,
@@ -188,21 +257,16 @@ impl ShardLog {
         debug_assert!(lsn <= self.appended);
         self.committed = self.committed.max(lsn);
         let committed = self.committed;
-        let mut ready = Vec::new();
+        let segments = &mut self.segments;
         self.retiring.retain(|&(at, segment)| {
             let done = at <= committed;
-            if done {
-                ready.push(segment);
-            }
-            !done
-        });
-        for segment in ready {
-            if let Some(stats) = self.segments.get_mut(&segment) {
+            if done && let Some(stats) = segments.get_mut(&segment) {
                 stats.live_frames = 0;
                 stats.live_bytes = 0;
                 stats.device_sets = 0;
             }
-        }
+            !done
+        });
         self.collect_dead();
     }
 
@@ -265,26 +329,22 @@ impl ShardLog {
 
     /// Moves every deletable segment to the list for the IO shell.
     pub fn collect_dead(&mut self) {
-        loop {
-            let existing: BTreeSet<u64> = self.segments.keys().copied().collect();
-            let dead: Vec<u64> = self
-                .segments
-                .iter()
-                .filter(|(id, s)| {
-                    **id < self.current
-                        && s.is_dead()
-                        && !self.is_retiring(**id)
-                        && s.refs.iter().all(|r| !existing.contains(r) || *r == **id)
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            if dead.is_empty() {
-                return;
-            }
-            for id in dead {
-                self.segments.remove(&id);
-                self.deletable.push(id);
-            }
+        // One at a time: deleting one may free others that refer to it.
+        while let Some(id) = self
+            .segments
+            .iter()
+            .find(|(id, s)| {
+                **id < self.current
+                    && s.is_dead()
+                    && !self.is_retiring(**id)
+                    && s.refs
+                        .iter()
+                        .all(|r| !self.segments.contains_key(r) || *r == **id)
+            })
+            .map(|(id, _)| *id)
+        {
+            self.segments.remove(&id);
+            self.deletable.push(id);
         }
     }
 
@@ -296,5 +356,73 @@ impl ShardLog {
     /// Bytes on disk (and pending) in all segments.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.values().map(|s| s.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use codec::{DeviceAddress, DeviceId, MessageId, NetworkId, UserId};
+
+    use super::*;
+    use crate::core::wal::{Target, Targets};
+
+    /// However many writes the IO shell still holds and however much is appended between two
+    /// takes (records larger than a buffer too), each write's chunks are its records, in
+    /// order, per segment, until the shell drops them.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)]
+    fn writes_hold_their_records_while_the_buffers_are_reused() {
+        let device = DeviceAddress::new(NetworkId(2), UserId(7), DeviceId(1));
+        let mut log = ShardLog::new(1, 300_000);
+        let mut expected: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut written: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut held: VecDeque<LogWrite> = VecDeque::new();
+        let land = |write: LogWrite, written: &mut BTreeMap<u64, Vec<u8>>| {
+            for (segment, bytes) in &write.chunks {
+                written
+                    .entry(*segment)
+                    .or_default()
+                    .extend_from_slice(bytes);
+            }
+        };
+        for round in 0..300usize {
+            for i in 0..[1, 3, 40, 300][round % 4] {
+                let len = if (round + i) % 97 == 0 {
+                    100_000
+                } else {
+                    (round * 37 + i * 11) % 2000
+                };
+                let frame = vec![(round + i) as u8; len];
+                let record = Record::Enqueue {
+                    arrival_ms: round as u64,
+                    expires_at_ms: i as u64,
+                    sender: device,
+                    id: MessageId(i as u128),
+                    recipient: device.user_address(),
+                    targets: Targets::one(Target {
+                        device: device.device,
+                        seq: i as u64,
+                    }),
+                    frame: &frame,
+                };
+                let segment = log.append(&record);
+                let mut one = BytesMut::new();
+                wal::encode(&mut one, &record);
+                expected.entry(segment).or_default().extend_from_slice(&one);
+            }
+            if let Some(write) = log.take_write() {
+                held.push_back(write);
+            }
+            while held.len() > round % 3 {
+                land(held.pop_front().unwrap(), &mut written);
+            }
+        }
+        while let Some(write) = held.pop_front() {
+            land(write, &mut written);
+        }
+        assert!(expected.len() > 3, "{} segments", expected.len());
+        assert!(written == expected, "the chunks differ from the records");
     }
 }

@@ -36,7 +36,86 @@ pub struct Target {
     pub seq: u64,
 }
 
+/// The targets of one `Enqueue` record, inline: a record is built per message, and a user has
+/// at most `RECIPIENT_DEVICES_MAX` devices.
+#[derive(Clone, Copy)]
+pub struct Targets {
+    items: [Target; codec::limits::RECIPIENT_DEVICES_MAX],
+    len: u8,
+}
+
+impl Targets {
+    pub const fn new() -> Targets {
+        Targets {
+            items: [Target {
+                device: DeviceId(0),
+                seq: 0,
+            }; codec::limits::RECIPIENT_DEVICES_MAX],
+            len: 0,
+        }
+    }
+
+    pub fn one(target: Target) -> Targets {
+        let mut targets = Targets::new();
+        targets.push(target);
+        targets
+    }
+
+    /// Adds `target`; `false` when full.
+    pub fn push(&mut self, target: Target) -> bool {
+        let Some(slot) = self.items.get_mut(usize::from(self.len)) else {
+            return false;
+        };
+        *slot = target;
+        self.len += 1;
+        true
+    }
+
+    pub fn as_slice(&self) -> &[Target] {
+        self.items.get(..usize::from(self.len)).unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for Targets {
+    fn default() -> Targets {
+        Targets::new()
+    }
+}
+
+impl PartialEq for Targets {
+    fn eq(&self, other: &Targets) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Targets {}
+
+impl std::fmt::Debug for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+impl<'a> IntoIterator for &'a Targets {
+    type Item = &'a Target;
+    type IntoIter = std::slice::Iter<'a, Target>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
 /// One log record, borrowing the frame bytes from the segment it was read from.
+// Built on the stack and passed by reference, one at a time: boxing the targets would cost an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<'a> {
     DeviceSet {
@@ -49,7 +128,7 @@ pub enum Record<'a> {
         sender: DeviceAddress,
         id: MessageId,
         recipient: UserAddress,
-        targets: Vec<Target>,
+        targets: Targets,
         frame: &'a [u8],
     },
     Release {
@@ -67,6 +146,18 @@ fn put_user(out: &mut BytesMut, user: &UserAddress) {
 fn put_device(out: &mut BytesMut, device: &DeviceAddress) {
     put_user(out, &device.user_address());
     out.put_u32_le(device.device.0);
+}
+
+/// The bytes [`encode`] appends for `record`.
+#[allow(clippy::cast_possible_truncation)]
+pub fn encoded_len(record: &Record<'_>) -> usize {
+    match record {
+        Record::DeviceSet { devices, .. } => RECORD_HEADER_BYTES + 20 + 1 + 4 * devices.len(),
+        Record::Enqueue { targets, frame, .. } => {
+            enqueue_frame_offset(targets.len()) as usize + frame.len()
+        }
+        Record::Release { .. } => RECORD_HEADER_BYTES + 24 + 8 + 1,
+    }
 }
 
 /// Appends `record` to `out`, framed. Counts fit their fields: device sets and targets hold at
@@ -244,12 +335,15 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
             if count > codec::limits::RECIPIENT_DEVICES_MAX {
                 return None;
             }
-            let mut targets = Vec::with_capacity(count);
+            let mut targets = Targets::new();
             for _ in 0..count {
-                targets.push(Target {
+                let target = Target {
                     device: DeviceId(r.u32()?),
                     seq: r.u64()?,
-                });
+                };
+                if !targets.push(target) {
+                    return None;
+                }
             }
             let frame_len = r.u32()? as usize;
             let frame = r.take(frame_len)?;
@@ -300,16 +394,18 @@ mod tests {
                 sender: DeviceAddress::new(NetworkId(1), UserId(3), DeviceId(1)),
                 id: MessageId(99),
                 recipient: user,
-                targets: vec![
-                    Target {
+                targets: {
+                    let mut targets = Targets::new();
+                    targets.push(Target {
                         device: DeviceId(1),
                         seq: 1,
-                    },
-                    Target {
+                    });
+                    targets.push(Target {
                         device: DeviceId(2),
                         seq: 5,
-                    },
-                ],
+                    });
+                    targets
+                },
                 frame: b"the whole frame, as received",
             },
             Record::Release {
@@ -338,6 +434,16 @@ mod tests {
         };
         let at = enqueue_frame_offset(targets.len()) as usize;
         assert_eq!(&bytes[at..at + frame.len()], *frame);
+    }
+
+    #[test]
+    fn encoded_len_is_what_encode_appends() {
+        for record in &samples() {
+            assert_eq!(
+                log_of(std::slice::from_ref(record)).len(),
+                encoded_len(record)
+            );
+        }
     }
 
     #[test]

@@ -8,11 +8,11 @@ use codec::{DeviceAddress, UserAddress};
 
 use super::Shard;
 use super::interface::{Refusal, Routed, ShardOutput, ShardStats};
-use super::state::DeviceState;
+use super::state::{DeviceState, UserState};
 use crate::core::DeviceSet;
 use crate::core::log::{LogWrite, ShardLog};
 use crate::core::queue::Queued;
-use crate::core::wal::{self, Record, Target};
+use crate::core::wal::{self, Record, Target, Targets};
 
 impl Shard {
     /// A frame joined a queue: counted, and its record counted live in its segment.
@@ -103,13 +103,14 @@ impl Shard {
         devices: &[DeviceState],
     ) -> (u64, u64, u64) {
         let Some(log) = log else { return (0, 0, 0) };
-        let targets = devices
-            .iter()
-            .map(|d| Target {
+        let mut targets = Targets::new();
+        for d in devices {
+            let fits = targets.push(Target {
                 device: d.id,
                 seq: d.next_seq,
-            })
-            .collect();
+            });
+            debug_assert!(fits, "more devices than a device set holds");
+        }
         let record = Record::Enqueue {
             arrival_ms: now_ms,
             expires_at_ms,
@@ -120,7 +121,7 @@ impl Shard {
             frame: &routed.frame,
         };
         let (segment, record_offset) = log.append_at(&record);
-        let offset = record_offset + wal::enqueue_frame_offset(devices.len());
+        let offset = record_offset + wal::enqueue_frame_offset(targets.len());
         (segment, offset, log.appended())
     }
 
@@ -139,23 +140,33 @@ impl Shard {
     /// Appends `user`'s current device set; returns the segment it went to.
     pub(super) fn log_device_set(&mut self, user: UserAddress) -> Option<u64> {
         let log = self.log.as_mut()?;
-        let (devices, previous) = self
-            .dir
-            .users
-            .get(&user)
-            .map_or((DeviceSet::new(), None), |s| {
-                (s.device_set(), s.device_set_segment)
-            });
+        Some(Shard::append_device_set(
+            log,
+            user,
+            self.dir.users.get_mut(&user),
+        ))
+    }
+
+    /// Appends the device set of `user` (`state`: `None` when it has no devices left) and
+    /// moves its accounting to the new record.
+    fn append_device_set(
+        log: &mut ShardLog,
+        user: UserAddress,
+        state: Option<&mut UserState>,
+    ) -> u64 {
+        let (devices, previous) = state.as_ref().map_or((DeviceSet::new(), None), |s| {
+            (s.device_set(), s.device_set_segment)
+        });
         let segment = log.append(&Record::DeviceSet { user, devices });
         if let Some(previous) = previous {
             log.add_ref(segment, previous);
         }
         let now_latest = (!devices.is_empty()).then_some(segment);
         log.move_device_set(previous, now_latest);
-        if let Some(state) = self.dir.users.get_mut(&user) {
+        if let Some(state) = state {
             state.device_set_segment = now_latest;
         }
-        Some(segment)
+        segment
     }
 
     /// Records appended since the last call, for the IO shell to write (and sync).
@@ -362,10 +373,10 @@ impl Shard {
                     sender: item.sender,
                     id: item.id,
                     recipient: device.user_address(),
-                    targets: vec![Target {
+                    targets: Targets::one(Target {
                         device: device.device,
                         seq: item.seq,
-                    }],
+                    }),
                     frame: &frame,
                 };
                 let (moved_to, record_offset) = log.append_at(&record);
@@ -374,18 +385,11 @@ impl Shard {
                 item.lsn = log.appended();
             }
         }
-        let users: Vec<UserAddress> = self
-            .dir
-            .users
-            .iter()
-            .filter(|(_, s)| s.device_set_segment == Some(segment))
-            .map(|(u, _)| *u)
-            .collect();
-        for user in users {
-            self.log_device_set(user);
+        for (user, state) in &mut self.dir.users {
+            if state.device_set_segment == Some(segment) {
+                Shard::append_device_set(log, *user, Some(state));
+            }
         }
-        if let Some(log) = self.log.as_mut() {
-            log.retire(segment);
-        }
+        log.retire(segment);
     }
 }

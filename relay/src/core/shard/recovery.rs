@@ -166,7 +166,7 @@ impl Shard {
                 let offset =
                     (frame.as_ptr() as usize).saturating_sub(bytes.as_ptr() as usize) as u64;
                 let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-                for target in targets {
+                for target in &targets {
                     let Some(dev) = state.device_mut(target.device) else {
                         continue;
                     };
