@@ -228,7 +228,10 @@ impl Shard {
         }
         let committed = log.committed();
         let reloading = self.reloading;
-        let candidates: Vec<DeviceAddress> = self.dir.offline.iter().copied().collect();
+        let mut candidates: Vec<DeviceAddress> = self.dir.offline.iter().copied().collect();
+        // In address order, not the hash set's: which frames leave memory (and so which
+        // loads follow) depends on the inputs alone.
+        candidates.sort_unstable();
         for device in candidates {
             if self.stats.ram_bytes <= self.limits.shard_ram_bytes_max {
                 break;
@@ -374,13 +377,14 @@ impl Shard {
                 item.lsn = log.appended();
             }
         }
-        let users: Vec<UserAddress> = self
+        let mut users: Vec<UserAddress> = self
             .dir
             .users
             .iter()
             .filter(|(_, s)| s.device_set_segment == Some(segment))
             .map(|(u, _)| *u)
             .collect();
+        users.sort_unstable();
         for user in users {
             self.log_device_set(user);
         }
