@@ -186,6 +186,55 @@ mod tests {
     use crate::core::log::ShardLog;
     use crate::limits::RelayLimits;
 
+    /// A device removed and added back starts its queue at seq 1 again: the TTLs of what its
+    /// earlier self had queued must not expire the new frames that reuse those seqs.
+    #[test]
+    fn a_device_added_back_keeps_its_frames_until_their_own_ttl_runs_out() {
+        let mut shard = Shard::new(RelayLimits::default());
+        let user = UserAddress::new(NetworkId(2), UserId(7));
+        let sender = UserAddress::new(NetworkId(1), UserId(1)).device(DeviceId(1));
+        let conn = ConnId {
+            core: 0,
+            slot: 1,
+            generation: 1,
+        };
+        let declare = |shard: &mut Shard, now: u64, devices: Vec<DeviceId>| {
+            let list = ShardInput::DeviceList {
+                request_id: MessageId(0),
+                user,
+                devices,
+                reply_to: conn,
+            };
+            shard.handle(now, list);
+        };
+        let send = |shard: &mut Shard, now: u64, id: u128, ttl_seconds: u32| {
+            let routed = Routed {
+                sender,
+                recipient: user,
+                listed: None,
+                id: MessageId(id),
+                ephemeral: false,
+                ttl_seconds,
+                frame: Bytes::from_static(b"frame"),
+                reply_to: conn,
+            };
+            shard.handle(now, ShardInput::Envelope(routed));
+        };
+        declare(&mut shard, 0, vec![DeviceId(1), DeviceId(2)]);
+        send(&mut shard, 0, 1, 5);
+        declare(&mut shard, 1, vec![DeviceId(1)]);
+        declare(&mut shard, 2, vec![DeviceId(1), DeviceId(2)]);
+        send(&mut shard, 3, 2, 3600);
+        let second = user.device(DeviceId(2));
+        assert_eq!(shard.queued(&second)[0].0, 1, "the seq is given again");
+        shard.handle_timeout(6_000);
+        let ids: Vec<MessageId> = shard.queued(&second).iter().map(|q| q.1).collect();
+        assert_eq!(ids, [MessageId(2)], "only the first frame's TTL ran out");
+        assert_eq!(shard.queue_len(&user.device(DeviceId(1))), 1);
+        assert_eq!(shard.stats().expired, 1);
+        shard.audit().expect("the shard's invariants");
+    }
+
     /// Two shards fed the same inputs give the same outputs in the same order, log bytes
     /// included: no hash map's order leaks out (each map has its own random seed), so a seeded
     /// simulation replays exactly. Rebinding a network's users, spilling frames over the memory
