@@ -1337,3 +1337,39 @@ async fn two_cores_with_full_inboxes_make_progress() {
         .await
         .expect("the cores did not catch up once released");
 }
+
+/// A backlog written out in one go when its device comes back is not a slow consumer: with
+/// more than twice `connection_pending_bytes_max` queued (within the delivery window), the
+/// device reads every frame and acknowledges them on the same session, which stays open.
+#[tokio::test]
+async fn a_backlog_burst_is_not_a_slow_consumer() {
+    let limits = RelayLimits {
+        connection_pending_bytes_max: u32::try_from(codec::limits::FRAME_BYTES_MAX)
+            .expect("a frame fits in u32"),
+        ..RelayLimits::default()
+    };
+    let mut relay = TestRelay::start_with("backlog_burst", limits);
+    let me = device(PARTNER, 0x2004, 1);
+    let gk_dev = device(GATEKEEPER, 0x1001, 1);
+    relay.register_offline_device(me).await;
+    let mut gk = relay.server(GATEKEEPER).await;
+    let body = payload("burst", 16 * 1024);
+    let count = 3 * limits.connection_pending_bytes_max as usize / body.len();
+    assert!(count < limits.device_deliveries_in_flight_max as usize);
+    let mut sent = Vec::new();
+    for _ in 0..count {
+        let env = envelope(gk_dev, me.user_address());
+        gk.send_accepted(&env, &body).await;
+        sent.push(env);
+    }
+    let mut dev = relay.device(me).await;
+    let deliveries = dev.expect_deliveries(count).await;
+    for (d, env) in deliveries.iter().zip(&sent) {
+        assert_eq!(d.envelope().0, env, "send order");
+        dev.ack_delivery(d).await;
+    }
+    probe(&mut gk, gk_dev, &mut dev, me.user_address(), &[1]).await;
+    relay.wait_metric("relay_queue_frames", |n| n == 0).await;
+    assert_eq!(relay.metric("relay_slow_consumer_closes_total"), 0);
+    relay.stop().await;
+}

@@ -12,6 +12,12 @@ pub const TIMER_TICK: Duration = Duration::from_millis(100);
 /// core's flood cannot starve this core's own sockets.
 pub const INBOX_BATCHES_PER_TURN: usize = 16;
 
+/// How long a connection's writer may wait on its socket before the client counts as slow:
+/// past that, a client with more than twice `connection_pending_bytes_max` waiting is closed.
+/// Until the writer has waited, what waits is a burst written in one turn (a backlog going
+/// out when its device comes back), not a client that does not read.
+pub const SLOW_CONSUMER_AFTER: Duration = Duration::from_secs(1);
+
 /// How long a new connection has to finish the TLS handshake and send `Hello`; past it the
 /// session is closed with `HELLO_REQUIRED`. The deadline's place is the session's timer.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -24,6 +24,7 @@ use super::worker::{Connection, Worker};
 use crate::core::ConnId;
 use crate::core::session::{Session, SessionContext, SessionEvent};
 use crate::core::shard::interface::ShardOutput;
+use crate::limits::SLOW_CONSUMER_AFTER;
 use crate::tables::auth::Principal;
 use devkit::now_ms;
 
@@ -76,6 +77,8 @@ pub struct Conn {
     drained: Notify,
     closing: Cell<bool>,
     counted: Cell<Option<Principal>>,
+    /// When the writer's write in flight started: while it waits, the socket is full.
+    write_started: Cell<Option<Instant>>,
 }
 
 impl Conn {
@@ -185,11 +188,19 @@ impl Connection for Conn {
                 return;
             }
         }
-        // A client that does not read its deliveries must not grow the relay's memory: past
-        // twice the pending bound it is closed. Nothing is lost: unacknowledged deliveries
-        // stay queued and go out again when it reconnects.
-        if out.bytes + out.scratch.len()
-            > 2 * worker.shared.limits.connection_pending_bytes_max as usize
+        // A client that does not read its deliveries must not grow the relay's memory: once
+        // the writer has waited on its socket for SLOW_CONSUMER_AFTER, past twice the pending
+        // bound it is closed. (A burst written in one turn, such as a backlog going out when
+        // its device comes back, is not slowness: the writer has not had its turn yet.)
+        // Nothing is lost: unacknowledged deliveries stay queued and go out again when it
+        // reconnects.
+        let stuck = self
+            .write_started
+            .get()
+            .is_some_and(|started| started.elapsed() >= SLOW_CONSUMER_AFTER);
+        if stuck
+            && out.bytes + out.scratch.len()
+                > 2 * worker.shared.limits.connection_pending_bytes_max as usize
         {
             metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
             drop(out);
@@ -351,6 +362,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
         drained: Notify::new(),
         closing: Cell::new(false),
         counted: Cell::new(None),
+        write_started: Cell::new(None),
     });
     worker.insert(conn.clone() as Rc<dyn Connection>);
     if let Some(at) = conn.session.borrow().poll_timeout() {
@@ -458,7 +470,9 @@ async fn write_loop(worker: Rc<Worker>, conn: Rc<Conn>) {
         }
         if !tls_out.is_empty() {
             let written = tls_out.len() as u64;
+            conn.write_started.set(Some(Instant::now()));
             let (result, returned) = conn.stream.write_all(tls_out).await;
+            conn.write_started.set(None);
             spare = returned;
             if result.is_err() {
                 break;

@@ -219,6 +219,16 @@ impl Shard {
             let Some(dev) = self.dir.device_mut(&address) else {
                 continue;
             };
+            // The entry may be stale: its frame released, and its seq given again to a new
+            // frame (a device removed and added back starts again at 1). Only a frame whose
+            // own TTL ran out goes.
+            let ran_out = dev
+                .queue
+                .find_seq_mut(seq)
+                .is_some_and(|item| item.expires_at_ms <= now_ms);
+            if !ran_out {
+                continue;
+            }
             if let Some(item) = dev.queue.remove_seq(seq) {
                 self.stats.expired += 1;
                 Shard::pump(dev, address, &self.limits, &mut self.out, &mut self.stats);

@@ -57,13 +57,15 @@ impl Shard {
     }
 
     fn rebind_network(&mut self, network: NetworkId) {
-        let users: Vec<UserAddress> = self
+        let mut users: Vec<UserAddress> = self
             .dir
             .users
             .keys()
             .filter(|u| u.network == network)
             .copied()
             .collect();
+        // In address order, not the hash map's: the same inputs give the same outputs.
+        users.sort_unstable();
         for user in users {
             self.rebind_user(user);
         }

@@ -239,8 +239,13 @@ impl Shard {
         }
         let committed = log.committed();
         let reloading = self.reloading;
-        let candidates: Vec<DeviceAddress> = self.dir.offline.iter().copied().collect();
-        for device in candidates {
+        // In address order, not the hash set's: which frames leave memory (and so which
+        // loads follow) depends on the inputs alone. The list is scratch kept between calls.
+        let mut candidates = std::mem::take(&mut self.scratch.devices);
+        candidates.clear();
+        candidates.extend(self.dir.offline.iter().copied());
+        candidates.sort_unstable();
+        for &device in &candidates {
             if self.stats.ram_bytes <= self.limits.shard_ram_bytes_max {
                 break;
             }
@@ -266,6 +271,7 @@ impl Shard {
                 self.dir.offline.remove(&device);
             }
         }
+        self.scratch.devices = candidates;
     }
 
     /// Whether a load asked for earlier is still wanted: the frame may have been released
@@ -336,60 +342,87 @@ impl Shard {
         // Its live frames are mostly on disk only: read them back first (memory goes over
         // budget by at most a quarter of a segment); the rewrite follows on a later tick.
         self.reloading = Some(segment);
-        let out = &mut self.out;
-        for (device, queue) in self.dir.queues_mut() {
-            for item in queue.iter_mut() {
-                if item.segment == segment && item.frame.is_none() && !item.loading {
-                    item.loading = true;
-                    out.push_back(ShardOutput::Load {
-                        device,
-                        seq: item.seq,
-                        segment,
-                        offset: item.offset,
-                        len: item.len,
-                    });
+        let users = self.users_in_order();
+        for user in &users {
+            let Some(state) = self.dir.users.get_mut(user) else {
+                continue;
+            };
+            for dev in &mut state.devices {
+                for item in dev.queue.iter_mut() {
+                    if item.segment == segment && item.frame.is_none() && !item.loading {
+                        item.loading = true;
+                        self.out.push_back(ShardOutput::Load {
+                            device: user.device(dev.id),
+                            seq: item.seq,
+                            segment,
+                            offset: item.offset,
+                            len: item.len,
+                        });
+                    }
                 }
             }
         }
+        self.scratch.users = users;
+    }
+
+    /// The shard's users in address order (not the hash map's), so that what is done to them
+    /// in turn depends on the shard's inputs alone; hand the list back to `scratch.users`, so
+    /// that walking in order allocates only when the shard grew.
+    fn users_in_order(&mut self) -> Vec<UserAddress> {
+        let mut users = std::mem::take(&mut self.scratch.users);
+        users.clear();
+        users.extend(self.dir.users.keys().copied());
+        users.sort_unstable();
+        users
     }
 
     /// Re-appends every live record of `segment` at the head of the log; the segment is
     /// deleted once they are stored.
     pub fn rewrite_segment(&mut self, segment: u64, now_ms: u64) {
-        let Some(log) = self.log.as_mut() else { return };
-        for (device, queue) in self.dir.queues_mut() {
-            for item in queue.iter_mut() {
-                // Segments with spilled frames are never chosen (see `rewrite_candidate`)
-                // and recovery reloads a damaged segment's frames before rewriting it.
-                if item.segment != segment {
-                    continue;
-                }
-                let Some(frame) = item.frame.clone() else {
-                    continue;
-                };
-                let record = Record::Enqueue {
-                    arrival_ms: now_ms,
-                    expires_at_ms: item.expires_at_ms,
-                    sender: item.sender,
-                    id: item.id,
-                    recipient: device.user_address(),
-                    targets: Targets::one(Target {
-                        device: device.device,
-                        seq: item.seq,
-                    }),
-                    frame: &frame,
-                };
-                let (moved_to, record_offset) = log.append_at(&record);
-                let offset = record_offset + wal::enqueue_frame_offset(1);
-                Shard::record_moved(log, item, moved_to, offset);
-                item.lsn = log.appended();
-            }
+        if self.log.is_none() {
+            return;
         }
-        for (user, state) in &mut self.dir.users {
-            if state.device_set_segment == Some(segment) {
+        let users = self.users_in_order();
+        let Some(log) = self.log.as_mut() else { return };
+        for user in &users {
+            let Some(state) = self.dir.users.get_mut(user) else {
+                continue;
+            };
+            for dev in &mut state.devices {
+                for item in dev.queue.iter_mut() {
+                    // Segments with spilled frames are never chosen (see `rewrite_candidate`)
+                    // and recovery reloads a damaged segment's frames before rewriting it.
+                    if item.segment != segment {
+                        continue;
+                    }
+                    let Some(frame) = item.frame.clone() else {
+                        continue;
+                    };
+                    let record = Record::Enqueue {
+                        arrival_ms: now_ms,
+                        expires_at_ms: item.expires_at_ms,
+                        sender: item.sender,
+                        id: item.id,
+                        recipient: *user,
+                        targets: Targets::one(Target {
+                            device: dev.id,
+                            seq: item.seq,
+                        }),
+                        frame: &frame,
+                    };
+                    let (moved_to, record_offset) = log.append_at(&record);
+                    let offset = record_offset + wal::enqueue_frame_offset(1);
+                    Shard::record_moved(log, item, moved_to, offset);
+                    item.lsn = log.appended();
+                }
+            }
+            if let Some(state) = self.dir.users.get_mut(user)
+                && state.device_set_segment == Some(segment)
+            {
                 Shard::append_device_set(log, *user, Some(state));
             }
         }
         log.retire(segment);
+        self.scratch.users = users;
     }
 }

@@ -91,9 +91,13 @@ impl Directory {
             .device_mut(device.device)
     }
 
-    /// Every queue of the shard, with its device's address.
+    /// Every queue of the shard, with its device's address, in address order (not the hash
+    /// map's), so that what is done to them in turn (log rewrites, loads) depends on the
+    /// shard's inputs alone. Used off the message path: compaction and recovery.
     pub fn queues_mut(&mut self) -> impl Iterator<Item = (DeviceAddress, &mut DeviceQueue)> {
-        self.users.iter_mut().flat_map(|(user, state)| {
+        let mut users: Vec<(&UserAddress, &mut UserState)> = self.users.iter_mut().collect();
+        users.sort_unstable_by_key(|(user, _)| **user);
+        users.into_iter().flat_map(|(user, state)| {
             state
                 .devices
                 .iter_mut()
