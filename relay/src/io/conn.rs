@@ -170,13 +170,18 @@ impl Connection for Conn {
                 result,
                 ..
             } => {
-                drop(out);
-                self.session
-                    .borrow_mut()
-                    .handle_relay_ack(of, id, address, result);
+                // The hot path: the session writes the ack and counts it; only a refusal
+                // has an event (its code, for the metric).
+                let mut session = self.session.borrow_mut();
+                session.handle_relay_ack(of, id, address, result);
+                session.poll_transmit(&mut out.scratch);
+                while let Some(event) = session.poll_event() {
+                    match event {
+                        SessionEvent::Refused(code) => metrics.error(code),
+                        other => debug_assert!(false, "an ack caused {other:?}"),
+                    }
+                }
                 metrics.acks_out.fetch_add(1, Ordering::Relaxed);
-                self.pump_session(worker);
-                out = self.out.borrow_mut();
             }
             // Never addressed to a connection: the worker takes these.
             ShardOutput::Load { .. } | ShardOutput::Applied { .. } => {}
@@ -194,14 +199,14 @@ impl Connection for Conn {
         // its device comes back, is not slowness: the writer has not had its turn yet.)
         // Nothing is lost: unacknowledged deliveries stay queued and go out again when it
         // reconnects.
-        let stuck = self
-            .write_started
-            .get()
-            .is_some_and(|started| started.elapsed() >= SLOW_CONSUMER_AFTER);
-        if stuck
-            && out.bytes + out.scratch.len()
-                > 2 * worker.shared.limits.connection_pending_bytes_max as usize
-        {
+        let over = out.bytes + out.scratch.len()
+            > 2 * worker.shared.limits.connection_pending_bytes_max as usize;
+        let stuck = || {
+            self.write_started
+                .get()
+                .is_some_and(|started| started.elapsed() >= SLOW_CONSUMER_AFTER)
+        };
+        if over && stuck() {
             metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
             drop(out);
             self.begin_close();
