@@ -118,18 +118,12 @@ impl Shard {
         if self.log_failed() {
             return Err(Refusal::storage_unavailable());
         }
-        let state = self.dir.users.entry(user).or_default();
-        let mut removed = Vec::new();
-        state.devices.retain_mut(|dev| {
-            let keep = wanted.contains(dev.id);
-            if !keep {
-                removed.extend(dev.queue.drain());
-            }
-            keep
-        });
-        for &id in wanted.as_slice() {
-            state.device_or_new(id);
-        }
+        let removed = self
+            .dir
+            .users
+            .entry(user)
+            .or_default()
+            .replace_devices(&wanted);
         // The device-set record is what deletes the removed devices' frames on replay: it
         // refers to every segment they were recorded in.
         let record_segment = self.log_device_set(user);

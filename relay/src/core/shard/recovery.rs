@@ -113,17 +113,7 @@ impl Shard {
         match record {
             Record::DeviceSet { user, devices } => {
                 let state = self.dir.users.entry(user).or_default();
-                let mut dropped = Vec::new();
-                state.devices.retain_mut(|dev| {
-                    let keep = devices.contains(dev.id);
-                    if !keep {
-                        dropped.extend(dev.queue.drain());
-                    }
-                    keep
-                });
-                for &id in devices.as_slice() {
-                    state.device_or_new(id);
-                }
+                let dropped = state.replace_devices(&devices);
                 if let Some(previous) = state.device_set_segment {
                     log.add_ref(segment, previous);
                 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use codec::{DeviceAddress, DeviceId, NetworkId, UserAddress};
 
-use crate::core::queue::DeviceQueue;
+use crate::core::queue::{DeviceQueue, Queued};
 use crate::core::{ConnId, DeviceSet};
 
 #[derive(Debug)]
@@ -50,6 +50,23 @@ impl UserState {
 
     pub fn device_mut(&mut self, id: DeviceId) -> Option<&mut DeviceState> {
         self.devices.iter_mut().find(|d| d.id == id)
+    }
+
+    /// Makes the user's devices exactly `wanted`: new ones start empty; the frames of those
+    /// removed are returned, for the bookkeeping of their leaving.
+    pub fn replace_devices(&mut self, wanted: &DeviceSet) -> Vec<Queued> {
+        let mut removed = Vec::new();
+        self.devices.retain_mut(|dev| {
+            let keep = wanted.contains(dev.id);
+            if !keep {
+                removed.extend(dev.queue.drain());
+            }
+            keep
+        });
+        for &id in wanted.as_slice() {
+            self.device_or_new(id);
+        }
+        removed
     }
 
     /// The device `id`, created (with an empty queue) if the user has none by that id.
