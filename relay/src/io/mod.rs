@@ -162,17 +162,67 @@ fn open_shard(index: u16, shared: &Shared) -> Result<(Shard, Option<store::Shard
             "segment {segment}: torn record at offset {offset} cut off (a write interrupted by a crash)"
         );
     }
-    for (segment, offset) in &report.quarantined {
+    log_damage(index, &dir, &report);
+    let m = &shared.metrics[usize::from(index)];
+    m.recovered_frames
+        .store(report.restored_frames, Ordering::Relaxed);
+    m.log_quarantined_segments
+        .store(dir.quarantined_count(), Ordering::Relaxed);
+    let damaged = &report.damaged;
+    m.log_damaged_bytes.store(
+        damaged.iter().map(|d| d.lost_bytes()).sum(),
+        Ordering::Relaxed,
+    );
+    m.log_rescued_frames
+        .store(damaged.iter().map(|d| d.frames).sum(), Ordering::Relaxed);
+    Ok((shard, Some(dir)))
+}
+
+/// One error line per damaged segment, with what it held and where it is now.
+fn log_damage(
+    index: u16,
+    dir: &store::ShardDir,
+    report: &crate::core::shard::recovery::RecoveryReport,
+) {
+    for damaged in &report.damaged {
+        let ranges: Vec<String> = damaged
+            .ranges
+            .iter()
+            .map(|r| {
+                let after = if r.resumed {
+                    format!("read on from {}", r.end)
+                } else {
+                    "nothing after it could be read".to_string()
+                };
+                format!(
+                    "{} at offset {} ({} bytes lost, {after})",
+                    r.what,
+                    r.offset,
+                    r.end - r.offset
+                )
+            })
+            .collect();
         tracing::error!(
             shard = index,
-            "segment {segment}: damaged record at offset {offset}; segment moved to {}/quarantine, records after the damage are lost",
-            dir.dir.display()
+            "segment {}: {}; {} bytes, {} intact records holding {} queued frames, rescued and stored again ({} bytes); segment moved to {}; `relay log inspect` shows its records",
+            damaged.segment,
+            ranges.join("; "),
+            damaged.bytes,
+            damaged.records,
+            damaged.frames,
+            report.rescued_bytes,
+            dir.quarantine_dir()
+                .join(format!("{:020}.log", damaged.segment))
+                .display(),
         );
     }
-    shared.metrics[usize::from(index)]
-        .recovered_frames
-        .store(report.restored_frames, Ordering::Relaxed);
-    Ok((shard, Some(dir)))
+    if !report.rewritten.is_empty() {
+        tracing::warn!(
+            shard = index,
+            "segments {:?} held frames a damaged segment had released: their live records were stored again and they were deleted",
+            report.rewritten
+        );
+    }
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

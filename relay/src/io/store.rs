@@ -59,11 +59,47 @@ impl SegmentStore for ShardDir {
         file.sync_all()
     }
 
+    fn append_durably(&mut self, id: u64, bytes: &[u8]) -> io::Result<()> {
+        let path = self.segment(id);
+        let new = !path.exists();
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        io::Write::write_all(&mut file, bytes)?;
+        file.sync_data()?;
+        if new {
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, id: u64) -> io::Result<()> {
+        fs::remove_file(self.segment(id))?;
+        self.sync_dir()
+    }
+
     fn quarantine(&mut self, id: u64) -> io::Result<()> {
-        let aside = self.dir.join("quarantine");
+        let aside = self.quarantine_dir();
         fs::create_dir_all(&aside)?;
         fs::rename(self.segment(id), aside.join(format!("{id:020}.log")))?;
         self.sync_dir()
+    }
+}
+
+impl ShardDir {
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.dir.join("quarantine")
+    }
+
+    /// Segment files kept in `quarantine/`, from this start and earlier ones.
+    pub fn quarantined_count(&self) -> u64 {
+        fs::read_dir(self.quarantine_dir()).map_or(0, |entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".log")))
+                .count() as u64
+        })
     }
 }
 

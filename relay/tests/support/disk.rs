@@ -130,6 +130,21 @@ impl SegmentStore for SimDisk {
         Ok(())
     }
 
+    /// Recovery's own writes: no faults (a failing disk is the committer's to meet).
+    fn append_durably(&mut self, id: u64, bytes: &[u8]) -> io::Result<()> {
+        self.files
+            .entry(id)
+            .or_default()
+            .durable
+            .extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn remove(&mut self, id: u64) -> io::Result<()> {
+        self.files.remove(&id);
+        Ok(())
+    }
+
     fn quarantine(&mut self, id: u64) -> io::Result<()> {
         self.files.remove(&id);
         self.quarantined.insert(id);
