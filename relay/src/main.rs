@@ -1,5 +1,5 @@
 //! The `relay` binary: `relay serve` runs a relay; `relay codes` lists the protocol's error
-//! codes.
+//! codes; `relay log inspect` shows the records of a log.
 
 use std::path::PathBuf;
 
@@ -58,6 +58,23 @@ enum Command {
     /// The partner registry of a running relay (operator certificate): list, show, add,
     /// status.
     Partner(partner_cli::PartnerArgs),
+    /// A relay's log, read-only: `relay log inspect PATH`.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// Lists the records of log segments: offset, size, kind, CRC, and the user, devices and
+    /// message each refers to; damaged ranges with their kind. PATH is a segment file, a
+    /// shard directory or a data directory (every shard-N/ and quarantine/ in it). Safe on a
+    /// running relay's directory: it only reads.
+    Inspect {
+        path: PathBuf,
+        /// One summary line per segment, no records.
+        #[arg(long)]
+        summary: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +87,18 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Command::Log(LogCommand::Inspect { path, summary }) => {
+            match relay::log_inspect::inspect(&path, !summary) {
+                Ok(text) => {
+                    print!("{text}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("relay log inspect: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         Command::Codes => {
             for code in codec::ErrorCode::ALL {
                 let retry = if code.is_retryable() {
