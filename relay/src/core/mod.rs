@@ -8,6 +8,7 @@ pub mod queue;
 pub mod session;
 pub mod shard;
 pub mod wal;
+pub mod wal_fuzzing;
 
 use codec::{DeviceId, UserAddress};
 

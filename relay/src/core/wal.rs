@@ -397,7 +397,9 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
             let count = r.u8()?;
             let mut devices = DeviceSet::new();
             for _ in 0..count {
-                if !devices.insert(DeviceId(r.u32()?)) {
+                // No writer names a device twice (insert takes a repeat as a no-op).
+                let id = DeviceId(r.u32()?);
+                if devices.contains(id) || !devices.insert(id) {
                     return None;
                 }
             }
@@ -419,8 +421,9 @@ fn decode_body(body: &[u8]) -> Option<Record<'_>> {
                     device: DeviceId(r.u32()?),
                     seq: r.u64()?,
                 };
-                // Queue positions start at 1.
-                if target.seq == 0 || !targets.push(target) {
+                // Queue positions start at 1; no writer names a device twice.
+                let repeated = targets.as_slice().iter().any(|t| t.device == target.device);
+                if target.seq == 0 || repeated || !targets.push(target) {
                     return None;
                 }
             }
