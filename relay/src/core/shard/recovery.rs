@@ -129,9 +129,10 @@ impl Shard {
                     resumed: false,
                 }),
                 Some(offset) => {
-                    report.torn_tails.push((id, offset));
                     kept = offset;
+                    // A damaged one goes aside whole, torn tail and all.
                     if scan.ranges.is_empty() {
+                        report.torn_tails.push((id, offset));
                         store.truncate(id, offset as u64)?;
                     }
                 }
