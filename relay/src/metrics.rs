@@ -378,3 +378,19 @@ pub fn render_policy(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>], en
         sum(|c| &c.policy_refused)
     );
 }
+
+/// The control plane's rate tables: live buckets per network (registered networks only, so
+/// the label set stays small).
+pub fn render_rate_buckets(out: &mut String, buckets: &[(NetworkId, usize)]) {
+    let _ = writeln!(
+        out,
+        "# HELP relay_control_rate_buckets Live rate-limit buckets in each network's own table (bounded by interop.rate_buckets_per_network_max)\n# TYPE relay_control_rate_buckets gauge"
+    );
+    for (network, count) in buckets {
+        let _ = writeln!(
+            out,
+            "relay_control_rate_buckets{{network=\"{}\"}} {count}",
+            network.0
+        );
+    }
+}

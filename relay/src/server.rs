@@ -62,9 +62,11 @@ impl Server {
         }
         let shared = relay.shared.clone();
         let durability = config.durability.name();
+        let limited = control.clone();
         let render = Arc::new(move || {
             let mut text = crate::metrics::render(&shared.metrics, &shared.connections, durability);
             crate::metrics::render_policy(&mut text, &shared.metrics, shared.policy.enforced());
+            crate::metrics::render_rate_buckets(&mut text, &limited.rate_buckets());
             text
         });
         let context = HttpContext {
