@@ -7,9 +7,9 @@ mod common;
 
 use base64::Engine as _;
 use client::control::{ApiResponse, ControlClient, user_hex};
-use client::{ErrorCode, UserAddress};
+use client::{AckStatus, ErrorCode, Role, UserAddress};
 use common::control::{ControlRelay, Enlist, Who, assert_error, ok};
-use common::{GATEKEEPER, PARTNER};
+use common::{GATEKEEPER, PARTNER, STEP_TIMEOUT, Session};
 use serde_json::{Value, json};
 
 fn b64(bytes: &[u8]) -> String {
@@ -135,4 +135,151 @@ async fn a_partner_filling_its_rate_table_leaves_every_other_network_served() {
     let metrics = relay.metrics().await;
     assert!(network_metric(&metrics, "relay_control_rate_buckets", GATEKEEPER.0) >= 1);
     assert!(network_metric(&metrics, "relay_control_rate_buckets", three.id.0) >= 1);
+}
+
+/// The rejected code of a device list's `Ack`, or `None` when it was accepted.
+async fn declared(session: &mut Session, user: u128, devices: &[u32]) -> Option<u16> {
+    match session
+        .declare_status(common::user(PARTNER, user), devices)
+        .await
+    {
+        AckStatus::Accepted => None,
+        AckStatus::Rejected { code, .. } => Some(code),
+    }
+}
+
+/// A device session of a partner user, with a fresh token signed by the partner's key.
+async fn device_session(relay: &ControlRelay, user: u128, token_id: u128) -> Session {
+    let key = std::fs::read(relay.pki("partner-token.pk8")).expect("the partner's token key");
+    let device = common::device(PARTNER, user, 1);
+    let token = client::mint_device_token(&key, device, common::now_ms() + 600_000, token_id)
+        .expect("a token");
+    let options = client::ConnectOptions::new(relay.addr, relay.tls(None), Role::Device)
+        .token(token)
+        .connect_timeout(STEP_TIMEOUT);
+    let conn = client::connect(options).await.expect("the device connects");
+    Session::new(format!("device of {user:x}"), conn)
+}
+
+/// Issue 11, item 5: the partner declares new users of its own network past its cap (the
+/// configured default, then its record's), through `DeviceList` frames and a device session.
+/// Past the cap each is refused with `NETWORK_USER_LIMIT`, over both shards together, while
+/// the gatekeeper declares its own users; after a restart the count is the same (no user
+/// admitted before is lost, none more is let in), and the operator's device-set rate holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_is_held_to_its_caps_across_shards_and_restarts() {
+    let caps = |config: &mut relay::config::Config| {
+        config.limits.network_users_max = 40;
+        config.limits.network_devices_max = 1000;
+    };
+    let mut relay = ControlRelay::start_configured("tenant-caps", caps);
+    let mut partner = relay.session(PARTNER).await;
+    let mut refused = 0;
+    for user in 0..100u128 {
+        match declared(&mut partner, 0x5000 + user, &[1]).await {
+            None => {}
+            Some(code) => {
+                assert_eq!(code, ErrorCode::NetworkUserLimit.as_u16());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 60, "40 users fit, over both shards together");
+    // An admitted user's devices change within the device cap.
+    assert_eq!(declared(&mut partner, 0x5000, &[1, 2, 3]).await, None);
+    // The gatekeeper's users are its own.
+    let mut gatekeeper = relay.session(GATEKEEPER).await;
+    for user in 0..10u128 {
+        gatekeeper
+            .declare(common::user(GATEKEEPER, 0x6000 + user), &[1])
+            .await;
+    }
+    // A device session of a new partner user is closed with the code.
+    let mut device = device_session(&relay, 0x5999, 1).await;
+    device.expect_error(ErrorCode::NetworkUserLimit).await;
+    let metrics = relay.metrics().await;
+    for (line, value) in [
+        ("relay_network_users{network=\"2\"}", 40),
+        ("relay_network_devices{network=\"2\"}", 42),
+        ("relay_network_users{network=\"1\"}", 10),
+        ("relay_network_users_max{network=\"2\"}", 40),
+        (
+            "relay_network_cap_refused_total{network=\"2\",cap=\"users\"}",
+            61,
+        ),
+    ] {
+        assert!(
+            metrics.contains(&format!("{line} {value}\n")),
+            "{line} {value} in:\n{metrics}"
+        );
+    }
+
+    // The operator raises the partner's cap in its record: five more fit.
+    let raised = ok(relay
+        .api(Who::Operator)
+        .put("/v1/partners/2/limits", &json!({"users_max": 45}))
+        .await
+        .unwrap());
+    assert_eq!(raised["limits"]["users_max"], 45);
+    let admitted = declare_new(&mut partner, 0x5100, 10).await;
+    assert_eq!(admitted, 5);
+    drop((partner, gatekeeper, device));
+
+    // A restart rebuilds the count from the log: the 45 are there, no 46th gets in.
+    relay.restart(caps);
+    let mut partner = relay.session(PARTNER).await;
+    assert_eq!(declare_new(&mut partner, 0x5200, 10).await, 0);
+    assert_eq!(declared(&mut partner, 0x5000, &[1, 2]).await, None);
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("relay_network_users{network=\"2\"} 45\n"),
+        "{metrics}"
+    );
+
+    // Device-set changes past the record's rate are refused with a hint, and pass again.
+    ok(relay
+        .api(Who::Operator)
+        .put(
+            "/v1/partners/2/limits",
+            &json!({"users_max": 45, "device_set_changes_per_s": 5}),
+        )
+        .await
+        .unwrap());
+    let mut limited = None;
+    for n in 0..20u32 {
+        let list = client::DeviceList {
+            request_id: common::new_id(),
+            user: common::user(PARTNER, 0x5000),
+            devices: vec![client::DeviceId(1 + n % 2)],
+        };
+        partner.send_device_list(&list).await;
+        let ack = partner.expect_ack(list.request_id).await;
+        if let AckStatus::Rejected {
+            code,
+            retry_after_ms,
+            ..
+        } = ack.status
+        {
+            assert_eq!(code, ErrorCode::DeviceSetRateLimited.as_u16());
+            assert!(retry_after_ms > 0 && retry_after_ms <= 1000);
+            limited = Some((n, retry_after_ms));
+            break;
+        }
+    }
+    let (n, wait_ms) = limited.expect("the rate holds");
+    assert!(n >= 5, "a second's worth passes at once, {n} did");
+    tokio::time::sleep(std::time::Duration::from_millis(u64::from(wait_ms) + 50)).await;
+    assert_eq!(declared(&mut partner, 0x5000, &[1]).await, None);
+}
+
+/// Declares `count` new partner users from `first` on; how many were admitted.
+async fn declare_new(session: &mut Session, first: u128, count: u128) -> usize {
+    let mut admitted = 0;
+    for user in first..first + count {
+        match declared(session, user, &[1]).await {
+            None => admitted += 1,
+            Some(code) => assert_eq!(code, ErrorCode::NetworkUserLimit.as_u16()),
+        }
+    }
+    admitted
 }

@@ -32,7 +32,8 @@ pub struct CoreMetrics {
     /// Cross-network frames checked against the interop rules, and refused by them.
     pub policy_checked: AtomicU64,
     pub policy_refused: AtomicU64,
-    errors: [AtomicU64; 64],
+    /// One per code of `ErrorCode::ALL` (room for the registry to grow).
+    errors: [AtomicU64; 128],
     shard: [AtomicU64; SHARD_FIELDS],
 }
 
@@ -393,4 +394,66 @@ pub fn render_rate_buckets(out: &mut String, buckets: &[(NetworkId, usize)]) {
             network.0
         );
     }
+}
+
+/// The caps per network: each network's users and devices on the relay, its caps, and what
+/// they refused (networks are a registered few, so the label set stays small).
+pub fn render_network_caps(out: &mut String, caps: &crate::tables::caps::NetworkCaps) {
+    let figures = caps.figures();
+    type Field = fn(&crate::tables::caps::UsageFigures) -> u64;
+    let gauges: [(&str, &str, Field); 5] = [
+        (
+            "relay_network_users",
+            "Users of the network the relay holds",
+            |f| f.users,
+        ),
+        (
+            "relay_network_devices",
+            "Devices of the network's users the relay holds",
+            |f| f.devices,
+        ),
+        (
+            "relay_network_users_max",
+            "The network's cap on users",
+            |f| f.users_max,
+        ),
+        (
+            "relay_network_devices_max",
+            "The network's cap on devices",
+            |f| f.devices_max,
+        ),
+        (
+            "relay_network_device_set_changes_per_s",
+            "The network's cap on device-set changes per second",
+            |f| f.device_set_changes_per_s,
+        ),
+    ];
+    for (name, help, field) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for f in &figures {
+            let _ = writeln!(out, "{name}{{network=\"{}\"}} {}", f.network.0, field(f));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_network_cap_refused_total Changes refused by a cap of the network (users: NETWORK_USER_LIMIT, devices: NETWORK_DEVICE_LIMIT, device_set_rate: DEVICE_SET_RATE_LIMITED)\n# TYPE relay_network_cap_refused_total counter"
+    );
+    for f in &figures {
+        for (cap, value) in [
+            ("users", f.refused_users),
+            ("devices", f.refused_devices),
+            ("device_set_rate", f.refused_changes),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_network_cap_refused_total{{network=\"{}\",cap=\"{cap}\"}} {value}",
+                f.network.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_shard_user_limit_refused_total New users refused because their shard held limits.shard_users_max users (SHARD_USER_LIMIT)\n# TYPE relay_shard_user_limit_refused_total counter\nrelay_shard_user_limit_refused_total {}",
+        caps.refused_shard_full()
+    );
 }

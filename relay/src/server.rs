@@ -67,6 +67,7 @@ impl Server {
             let mut text = crate::metrics::render(&shared.metrics, &shared.connections, durability);
             crate::metrics::render_policy(&mut text, &shared.metrics, shared.policy.enforced());
             crate::metrics::render_rate_buckets(&mut text, &limited.rate_buckets());
+            crate::metrics::render_network_caps(&mut text, shared.policy.caps());
             text
         });
         let context = HttpContext {

@@ -71,14 +71,20 @@ impl ApiError {
             | ErrorCode::SenderOutsideRegion
             | ErrorCode::PartnerSuspended
             | ErrorCode::PartnerTesting
-            | ErrorCode::NetworkUnknown => 403,
+            | ErrorCode::NetworkUnknown
+            | ErrorCode::NetworkUserLimit
+            | ErrorCode::NetworkDeviceLimit => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists | ErrorCode::IdentifierTaken | ErrorCode::RequestDecided => {
                 409
             }
             ErrorCode::BodyTooLarge => 413,
-            ErrorCode::RateLimited | ErrorCode::RateTableFull => 429,
-            ErrorCode::StorageUnavailable | ErrorCode::DataPlaneUnavailable => 503,
+            ErrorCode::RateLimited | ErrorCode::RateTableFull | ErrorCode::DeviceSetRateLimited => {
+                429
+            }
+            ErrorCode::StorageUnavailable
+            | ErrorCode::DataPlaneUnavailable
+            | ErrorCode::ShardUserLimit => 503,
             _ => 500,
         };
         ApiError {

@@ -57,6 +57,9 @@ impl Relay {
     ) -> Result<Relay, String> {
         let (tls_paths, _) = config.resolve_identities()?;
         let tls = tls::server_config(&tls_paths, &auth)?;
+        policy
+            .caps()
+            .set_defaults(crate::tables::caps::CapDefaults::of(&config.limits));
         let cores = config.cores;
         let mut senders = Vec::new();
         let mut inboxes = Vec::new();
@@ -85,6 +88,7 @@ impl Relay {
                 .collect(),
             connections: Connections::default(),
             stopping: AtomicBool::new(false),
+            shards_open: tokio::sync::Barrier::new(usize::from(cores)),
         });
         let first =
             bind_reuseport(config.listen).map_err(|e| format!("listen {}: {e}", config.listen))?;
@@ -133,7 +137,9 @@ impl Relay {
 /// The core's shard: empty at the memory level, else rebuilt from its log directory.
 fn open_shard(index: u16, shared: &Shared) -> Result<(Shard, Option<store::ShardDir>), String> {
     if shared.durability == Durability::Memory {
-        return Ok((Shard::new(shared.limits), None));
+        let mut shard = Shard::new(shared.limits);
+        shard.share_caps(shared.policy.caps().clone());
+        return Ok((shard, None));
     }
     let mut dir = store::ShardDir::new(&shared.data_dir, index);
     let started = std::time::Instant::now();
@@ -172,6 +178,8 @@ fn open_shard(index: u16, shared: &Shared) -> Result<(Shard, Option<store::Shard
     shared.metrics[usize::from(index)]
         .recovered_frames
         .store(report.restored_frames, Ordering::Relaxed);
+    let mut shard = shard;
+    shard.share_caps(shared.policy.caps().clone());
     Ok((shard, Some(dir)))
 }
 
@@ -212,6 +220,7 @@ fn run_core(
             tokio_uring::spawn(core.clone().run_timers());
             tokio_uring::spawn(core.clone().run_flusher());
             let _ = ready.send(Ok(()));
+            shared.shards_open.wait().await;
             let control = shared.control[usize::from(index)].clone();
             loop {
                 tokio::select! {
