@@ -283,3 +283,62 @@ async fn declare_new(session: &mut Session, first: u128, count: u128) -> usize {
     }
     admitted
 }
+
+/// Connects a device session of `device` with `token`.
+async fn connect_device(
+    relay: &ControlRelay,
+    token: client::DeviceToken,
+) -> Result<client::Connection, client::ClientError> {
+    let options = client::ConnectOptions::new(relay.addr, relay.tls(None), Role::Device)
+        .token(token)
+        .connect_timeout(STEP_TIMEOUT);
+    client::connect(options).await
+}
+
+#[track_caller]
+fn assert_replayed(outcome: Result<client::Connection, client::ClientError>) {
+    match outcome {
+        Err(client::ClientError::Refused { code, .. })
+            if code == ErrorCode::TokenReplayed.as_u16() => {}
+        Err(other) => panic!("expected TOKEN_REPLAYED, got {other:?}"),
+        Ok(conn) => panic!(
+            "expected TOKEN_REPLAYED, the relay welcomed the session: {:?}",
+            conn.welcome()
+        ),
+    }
+}
+
+/// Issue 11, item 7 (replay): a device token used once, and one refused as a replay, stay
+/// refused as `TOKEN_REPLAYED` after the relay restarts on its data directory; a fresh
+/// token is welcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_device_token_stays_refused_after_a_restart() {
+    let mut relay = ControlRelay::start("tenant-token-replay");
+    let key = std::fs::read(relay.pki("partner-token.pk8")).expect("the partner's token key");
+    let mint = |user: u128, id: u128| {
+        let device = common::device(PARTNER, user, 1);
+        client::mint_device_token(&key, device, common::now_ms() + 600_000, id).expect("a token")
+    };
+    let replayed = mint(0x7701, 0xA7_0001);
+    let used_once = mint(0x7702, 0xA7_0002);
+    let first = connect_device(&relay, replayed.clone())
+        .await
+        .expect("a fresh token is welcome");
+    assert_replayed(connect_device(&relay, replayed.clone()).await);
+    let second = connect_device(&relay, used_once.clone())
+        .await
+        .expect("a fresh token is welcome");
+    drop((first, second));
+
+    relay.restart(|_| {});
+    assert_replayed(connect_device(&relay, replayed).await);
+    assert_replayed(connect_device(&relay, used_once).await);
+    let _fresh = connect_device(&relay, mint(0x7701, 0xA7_0003))
+        .await
+        .expect("a fresh token is still welcome");
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("relay_token_journal_restored 2\n"),
+        "{metrics}"
+    );
+}

@@ -148,6 +148,9 @@ error_codes! {
     /// Control API: the calling network's own rate-limit table is full of live buckets
     /// (too many distinct requesters or pairs within their periods); retry after the hint.
     RateTableFull = 412, "RATE_TABLE_FULL", retryable: true;
+    /// A device session's token could not be recorded against replay (the relay's token
+    /// journal is behind); retry.
+    TokenJournalBusy = 413, "TOKEN_JOURNAL_BUSY", retryable: true;
 
     /// The relay failed in a way that is not the client's fault.
     Internal = 500, "INTERNAL", retryable: true;

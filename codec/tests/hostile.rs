@@ -538,6 +538,7 @@ fn error_codes_are_stable_and_unique() {
         ("DEVICE_SET_RATE_LIMITED", 410),
         ("SHARD_USER_LIMIT", 411),
         ("RATE_TABLE_FULL", 412),
+        ("TOKEN_JOURNAL_BUSY", 413),
         ("INTERNAL", 500),
         ("STORAGE_UNAVAILABLE", 501),
         ("SHUTTING_DOWN", 502),

@@ -457,3 +457,28 @@ pub fn render_network_caps(out: &mut String, caps: &crate::tables::caps::Network
         caps.refused_shard_full()
     );
 }
+
+/// The device-token journal (absent at the `memory` level).
+pub fn render_token_journal(out: &mut String, journal: &crate::io::tokens::JournalMetrics) {
+    let value = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_records_total Device token ids written to the token journal\n# TYPE relay_token_journal_records_total counter\nrelay_token_journal_records_total {}",
+        value(&journal.records)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_restored Device token ids read back at start, refused as replays until they expire\n# TYPE relay_token_journal_restored gauge\nrelay_token_journal_restored {}",
+        value(&journal.restored)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_write_errors_total Journal writes that failed (those ids would be forgotten by a restart)\n# TYPE relay_token_journal_write_errors_total counter\nrelay_token_journal_write_errors_total {}",
+        value(&journal.write_errors)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_files Token journal files on disk\n# TYPE relay_token_journal_files gauge\nrelay_token_journal_files {}",
+        value(&journal.files)
+    );
+}

@@ -7,6 +7,7 @@ pub mod inject;
 pub mod shared;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct Relay {
     pub listen: SocketAddr,
     pub shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The device-token journal (none at the `memory` level): stopped after the cores.
+    pub tokens: Option<tokens::TokenJournal>,
 }
 
 impl Relay {
@@ -72,6 +75,16 @@ impl Relay {
         if config.durability != Durability::Memory {
             store::check_layout(&config.data_dir, cores)?;
         }
+        // Token ids seen before a restart are back before the first handshake.
+        let journal = match config.durability {
+            Durability::Memory => None,
+            durability => Some(tokens::TokenJournal::open(
+                &config.data_dir,
+                &auth,
+                durability == Durability::Fsync,
+                now_ms(),
+            )?),
+        };
         let shared = Arc::new(Shared {
             cores,
             limits: config.limits,
@@ -119,6 +132,7 @@ impl Relay {
             listen,
             shared,
             threads,
+            tokens: journal,
         })
     }
 
@@ -130,6 +144,9 @@ impl Relay {
         }
         for thread in self.threads {
             let _ = thread.join();
+        }
+        if let Some(journal) = self.tokens {
+            journal.stop();
         }
     }
 }
