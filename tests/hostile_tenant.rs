@@ -197,6 +197,11 @@ async fn a_partner_is_held_to_its_caps_across_shards_and_restarts() {
     // A device session of a new partner user is closed with the code.
     let mut device = device_session(&relay, 0x5999, 1).await;
     device.expect_error(ErrorCode::NetworkUserLimit).await;
+    // So is an enlistment through the control API that would add a user.
+    let enlisted = relay
+        .try_enlist(&common::user(PARTNER, 0x5998), &Enlist::default())
+        .await;
+    assert_error(&enlisted, 403, ErrorCode::NetworkUserLimit);
     let metrics = relay.metrics().await;
     for (line, value) in [
         ("relay_network_users{network=\"2\"}", 40),
@@ -205,7 +210,7 @@ async fn a_partner_is_held_to_its_caps_across_shards_and_restarts() {
         ("relay_network_users_max{network=\"2\"}", 40),
         (
             "relay_network_cap_refused_total{network=\"2\",cap=\"users\"}",
-            61,
+            62,
         ),
     ] {
         assert!(
