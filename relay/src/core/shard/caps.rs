@@ -106,6 +106,18 @@ mod tests {
     }
 
     fn declare(shard: &mut Shard, now_ms: u64, user: u128, devices: &[u32]) -> Option<ErrorCode> {
+        declare_logged(shard, &mut Segments::default(), now_ms, user, devices)
+    }
+
+    /// [`declare`] on a shard with a log, whose writes go to `store` (and are committed, so
+    /// that the ack comes out).
+    fn declare_logged(
+        shard: &mut Shard,
+        store: &mut Segments,
+        now_ms: u64,
+        user: u128,
+        devices: &[u32],
+    ) -> Option<ErrorCode> {
         shard.handle(
             now_ms,
             ShardInput::DeviceList {
@@ -115,6 +127,16 @@ mod tests {
                 reply_to: conn(1),
             },
         );
+        while let Some(write) = shard.take_log_write() {
+            for (segment, bytes) in &write.chunks {
+                store
+                    .0
+                    .entry(*segment)
+                    .or_default()
+                    .extend_from_slice(bytes);
+            }
+            shard.on_log_committed(write.lsn);
+        }
         let mut answer = None;
         while let Some(output) = shard.poll_output() {
             if let ShardOutput::Ack {
@@ -185,6 +207,74 @@ mod tests {
         for shard in &shards {
             shard.audit().expect("the shard's invariants");
         }
+    }
+
+    /// Segments in memory, for a shard's log and its recovery.
+    #[derive(Default)]
+    struct Segments(std::collections::BTreeMap<u64, Vec<u8>>);
+
+    impl crate::core::shard::recovery::SegmentStore for Segments {
+        fn list(&mut self) -> std::io::Result<Vec<u64>> {
+            Ok(self.0.keys().copied().collect())
+        }
+        fn read(&mut self, id: u64) -> std::io::Result<bytes::Bytes> {
+            Ok(bytes::Bytes::from(
+                self.0.get(&id).cloned().unwrap_or_default(),
+            ))
+        }
+        fn truncate(&mut self, id: u64, len: u64) -> std::io::Result<()> {
+            if let Some(segment) = self.0.get_mut(&id) {
+                segment.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+            }
+            Ok(())
+        }
+        fn quarantine(&mut self, id: u64) -> std::io::Result<()> {
+            self.0.remove(&id);
+            Ok(())
+        }
+    }
+
+    /// A shard recovered from its log counts every user it rebuilt into the relay's caps,
+    /// past the cap or not (nothing admitted is lost), and admits no more until one goes.
+    #[test]
+    fn recovery_counts_the_users_it_rebuilt_and_admits_none_past_the_cap() {
+        let limits = RelayLimits {
+            network_users_max: 3,
+            ..RelayLimits::default()
+        };
+        let mut shard = Shard::with_log(limits, crate::core::log::ShardLog::new(1, 1 << 20));
+        let mut store = Segments::default();
+        for user in 0..3u128 {
+            assert_eq!(
+                declare_logged(&mut shard, &mut store, 0, user, &[1, 2]),
+                None
+            );
+        }
+        assert_eq!(
+            declare_logged(&mut shard, &mut store, 0, 3, &[1]),
+            Some(ErrorCode::NetworkUserLimit)
+        );
+        // Restarted with a lower cap: the three stay, and count.
+        let lower = RelayLimits {
+            network_users_max: 2,
+            ..limits
+        };
+        let (mut recovered, report) =
+            Shard::recover(lower, 1 << 20, &mut store, 1).expect("recovered");
+        assert_eq!(report.records, 3);
+        let caps = Arc::new(NetworkCaps::new(CapDefaults::of(&lower)));
+        recovered.share_caps(caps.clone());
+        let figures = caps.figures();
+        assert_eq!((figures[0].users, figures[0].devices), (3, 6));
+        assert_eq!(
+            declare(&mut recovered, 1, 4, &[1]),
+            Some(ErrorCode::NetworkUserLimit)
+        );
+        assert_eq!(declare(&mut recovered, 1, 0, &[]), None);
+        assert_eq!(declare(&mut recovered, 1, 1, &[]), None);
+        assert_eq!(declare(&mut recovered, 1, 4, &[1]), None);
+        assert_eq!(caps.figures()[0].users, 2);
+        recovered.audit().expect("the shard's invariants");
     }
 
     /// Device-set changes pass at the network's rate (a second's worth at once), then are
