@@ -3,7 +3,8 @@
 //! frames for new users of the partner's own network do to the relay's memory and log with
 //! and without a cap on users:
 //!
-//! `A7_USERS_MAX=10000 cargo test --release -p relay --test tenant -- --ignored --nocapture`
+//! `A7_USERS_MAX=10000 A7_CHANGES_PER_S=1000000 cargo test --release -p relay --test tenant --
+//! --ignored --nocapture` (each variable optional: the configured default otherwise)
 #![allow(clippy::print_stdout, clippy::cast_possible_truncation)]
 
 use std::io::{BufRead, BufReader};
@@ -167,8 +168,8 @@ fn log_bytes(dir: &Path) -> u64 {
 }
 
 /// The figure: 200,000 `DeviceList` frames for new users of the partner's own
-/// network. Prints memory and log before, after, and after a restart, with the cap given in
-/// `A7_USERS_MAX` (default: the configured default).
+/// network. Prints memory and log before, after, and after a restart, with the caps given in
+/// `A7_USERS_MAX` and `A7_CHANGES_PER_S` (each the configured default when unset).
 #[test]
 #[ignore = "a measurement; run with --ignored --nocapture"]
 fn device_lists_for_new_users_against_the_users_cap() {
@@ -181,6 +182,9 @@ fn device_lists_for_new_users_against_the_users_cap() {
     let mut toml = String::from("[limits]\n");
     if let Ok(max) = std::env::var("A7_USERS_MAX") {
         toml.push_str(&format!("network_users_max = {max}\n"));
+    }
+    if let Ok(rate) = std::env::var("A7_CHANGES_PER_S") {
+        toml.push_str(&format!("network_device_set_changes_per_s = {rate}\n"));
     }
     std::fs::write(&config, toml).expect("a config file");
     let runtime = runtime();
