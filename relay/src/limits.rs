@@ -80,6 +80,10 @@ pub struct RelayLimits {
     pub network_device_set_changes_per_s: u32,
     /// Users one shard holds, all networks together (`SHARD_USER_LIMIT`).
     pub shard_users_max: u64,
+    /// Device token ids waiting for the token journal's thread to store them; past it a
+    /// device session is refused with `TOKEN_JOURNAL_BUSY` rather than welcomed with a token
+    /// a restart could forget.
+    pub token_journal_pending_max: u32,
 }
 
 impl Default for RelayLimits {
@@ -105,6 +109,7 @@ impl Default for RelayLimits {
             network_devices_max: 5_000_000,
             network_device_set_changes_per_s: 10_000,
             shard_users_max: 2_000_000,
+            token_journal_pending_max: 65_536,
         }
     }
 }
@@ -202,6 +207,9 @@ impl RelayLimits {
         }
         if self.shard_users_max == 0 {
             return Err("limits.shard_users_max: must be at least 1".into());
+        }
+        if self.token_journal_pending_max == 0 {
+            return Err("limits.token_journal_pending_max: must be at least 1".into());
         }
         Ok(())
     }

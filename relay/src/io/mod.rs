@@ -82,6 +82,7 @@ impl Relay {
                 &config.data_dir,
                 &auth,
                 durability == Durability::Fsync,
+                config.limits.token_journal_pending_max,
                 now_ms(),
             )?),
         };

@@ -27,8 +27,6 @@ use crate::tables::auth::{Auth, SeenToken};
 /// The first bytes of a journal file.
 const MAGIC: &[u8; 8] = b"A7TOKJ1\n";
 const RECORD_BYTES: usize = 32;
-/// Ids waiting for the journal thread; past it handshakes are refused (`TOKEN_JOURNAL_BUSY`).
-const PENDING_MAX: usize = 65_536;
 /// Records written in one batch at most.
 const BATCH_MAX: usize = 4096;
 /// How often a new journal file is started (the old ones go once their tokens expired).
@@ -65,11 +63,14 @@ struct Segment {
 
 impl TokenJournal {
     /// Reads the journal under `data_dir`, gives the live ids back to `auth`, and starts the
-    /// thread that records every id `auth` accepts from now on. `sync`: fdatasync each batch.
+    /// thread that records every id `auth` accepts from now on. `sync`: fdatasync each batch;
+    /// `pending_max`: ids waiting for the thread at most (past it handshakes are refused with
+    /// `TOKEN_JOURNAL_BUSY`).
     pub fn open(
         data_dir: &Path,
         auth: &Auth,
         sync: bool,
+        pending_max: u32,
         now_ms: u64,
     ) -> Result<TokenJournal, String> {
         let dir = data_dir.join("tokens");
@@ -98,7 +99,7 @@ impl TokenJournal {
         let metrics = Arc::new(JournalMetrics::default());
         metrics.restored.store(restored as u64, Ordering::Relaxed);
         metrics.files.store(1, Ordering::Relaxed);
-        let (tx, rx) = crossbeam_channel::bounded(PENDING_MAX);
+        let (tx, rx) = crossbeam_channel::bounded(pending_max.max(1) as usize);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         auth.attach_journal(tx);
         let writer = Writer {
