@@ -20,6 +20,8 @@ use codec::*;
 struct Relay {
     child: Child,
     addr: SocketAddr,
+    /// The HTTP port (`/metrics`, the control API).
+    http: String,
 }
 
 impl Relay {
@@ -50,13 +52,15 @@ impl Relay {
             .next()
             .expect("a ready line")
             .expect("readable");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("tls="))
-            .unwrap_or_else(|| panic!("no tls= in {line:?}"))
-            .parse()
-            .expect("an address");
-        Relay { child, addr }
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .to_string()
+        };
+        let addr = field("tls=").parse().expect("an address");
+        let http = field("http=");
+        Relay { child, addr, http }
     }
 
     /// SIGKILL: nothing is flushed, nothing is said.
@@ -139,6 +143,77 @@ fn a_token_used_before_a_kill_9_is_refused_after_the_restart() {
         Err(other) => panic!("expected TOKEN_REPLAYED, got {other:?}"),
         Ok(_) => panic!("the token was welcomed again after the restart"),
     }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `relay partner limits` changes what it is given of a network's limits and caps and keeps
+/// the rest; the caps then hold on the data plane.
+#[test]
+fn the_operator_sets_a_networks_caps_from_the_command_line() {
+    let dir = temp_dir("partner-limits");
+    let relay = Relay::start(&dir, None);
+    let partner = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("partner")
+            .args(args)
+            .args(["--api", &relay.http])
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .expect("relay partner runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON")
+    };
+    let set = partner(&["limits", "2", "--messages-per-s", "500"]);
+    assert_eq!(set["limits"]["messages_per_s"], 500);
+    let set = partner(&[
+        "limits",
+        "2",
+        "--users-max",
+        "2",
+        "--device-set-changes-per-s",
+        "50",
+    ]);
+    assert_eq!(set["limits"]["users_max"], 2);
+    assert_eq!(set["limits"]["device_set_changes_per_s"], 50);
+    assert_eq!(
+        set["limits"]["messages_per_s"], 500,
+        "what was not given stays"
+    );
+    assert_eq!(set["limits"]["discovery_per_min"], 60_000);
+    let refused = runtime().block_on(async {
+        let options = ConnectOptions::new(
+            relay.addr,
+            tls(&dir.join("pki"), Some("partner")),
+            Role::PartnerServer,
+        );
+        let mut session = connect(options).await.expect("the partner connects");
+        let mut refused = Vec::new();
+        for n in 0..3u128 {
+            let list = DeviceList {
+                request_id: MessageId(n + 1),
+                user: UserAddress::new(NetworkId(2), UserId(0x900 + n)),
+                devices: vec![DeviceId(1)],
+            };
+            session.send_device_list(&list).await.expect("send");
+            session.flush().await.expect("flush");
+            loop {
+                if let Event::Ack(ack) = session.next_event().await.expect("an event") {
+                    if let AckStatus::Rejected { code, .. } = ack.status {
+                        refused.push(code);
+                    }
+                    break;
+                }
+            }
+        }
+        refused
+    });
+    assert_eq!(refused, [ErrorCode::NetworkUserLimit.as_u16()]);
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
