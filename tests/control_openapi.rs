@@ -1571,6 +1571,45 @@ async fn answers_validate_against_the_document() {
         )
         .await;
 
+    // The operator changes a network's limits and caps (issue 11: caps per network).
+    let limited = check
+        .expect(
+            &operator,
+            "PUT",
+            "/v1/partners/7/limits",
+            Some(json!({"users_max": 1000, "device_set_changes_per_s": 50})),
+            200,
+        )
+        .await;
+    assert_eq!(limited["limits"]["users_max"], 1000);
+    check
+        .expect_error(
+            &operator,
+            "PUT",
+            "/v1/partners/7/limits",
+            Body::Nonconforming(json!({"users_max": 0})),
+            ErrorCode::RequestMalformed,
+        )
+        .await;
+    check
+        .expect_error(
+            &operator,
+            "PUT",
+            "/v1/partners/99/limits",
+            Body::Conforming(json!({})),
+            ErrorCode::NotFound,
+        )
+        .await;
+    check
+        .expect_error(
+            &partner,
+            "PUT",
+            "/v1/partners/2/limits",
+            Body::Conforming(json!({})),
+            ErrorCode::OperatorRequired,
+        )
+        .await;
+
     // A partner registered by its CA: any certificate the CA issued speaks for it.
     let (ca_pem, ca_tls) = own_ca(&relay);
     let by_ca = check

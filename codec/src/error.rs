@@ -128,6 +128,11 @@ error_codes! {
     PartnerSuspended = 310, "PARTNER_SUSPENDED", retryable: false;
     /// A network in `testing` reaches, and is reached by, test users only.
     PartnerTesting = 311, "PARTNER_TESTING", retryable: false;
+    /// The user's network has as many users on this relay as its cap (`users_max` in its
+    /// partner record); a new user cannot be added until one goes or the operator raises it.
+    NetworkUserLimit = 312, "NETWORK_USER_LIMIT", retryable: false;
+    /// The user's network has as many devices on this relay as its cap (`devices_max`).
+    NetworkDeviceLimit = 313, "NETWORK_DEVICE_LIMIT", retryable: false;
 
     /// A recipient device's queue is at its bound; retry after the hinted delay.
     QueueFull = 400, "QUEUE_FULL", retryable: true;
@@ -135,6 +140,17 @@ error_codes! {
     RateLimited = 401, "RATE_LIMITED", retryable: true;
     /// The session has too many frames awaiting an `Ack`.
     InFlightLimit = 402, "IN_FLIGHT_LIMIT", retryable: true;
+    /// The network's device-set changes are over its rate (`device_set_changes_per_s`);
+    /// retry after the hinted delay.
+    DeviceSetRateLimited = 410, "DEVICE_SET_RATE_LIMITED", retryable: true;
+    /// The shard the user hashes to holds `limits.shard_users_max` users; retry later.
+    ShardUserLimit = 411, "SHARD_USER_LIMIT", retryable: true;
+    /// Control API: the calling network's own rate-limit table is full of live buckets
+    /// (too many distinct requesters or pairs within their periods); retry after the hint.
+    RateTableFull = 412, "RATE_TABLE_FULL", retryable: true;
+    /// A device session's token could not be recorded against replay (the relay's token
+    /// journal is behind); retry.
+    TokenJournalBusy = 413, "TOKEN_JOURNAL_BUSY", retryable: true;
 
     /// The relay failed in a way that is not the client's fault.
     Internal = 500, "INTERNAL", retryable: true;

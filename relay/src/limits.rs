@@ -66,6 +66,24 @@ pub struct RelayLimits {
     /// it, frames of offline devices leave memory (they are in the log) and are read back
     /// when their device returns. `shard_queued_bytes_max` bounds what is queued in all.
     pub shard_ram_bytes_max: u64,
+
+    // Caps per network (a partner record may set its own; these are the defaults) and per
+    // shard: what one tenant's users may take of the shards' memory and log.
+    /// Users of one network the relay holds, over every shard; past it a new user is refused
+    /// with `NETWORK_USER_LIMIT`.
+    pub network_users_max: u64,
+    /// Devices of one network's users, over every shard (`NETWORK_DEVICE_LIMIT`).
+    pub network_devices_max: u64,
+    /// Device-set changes of one network per second (`DeviceList`, a device session's new
+    /// device, the control API's device sets), bursts of a second's worth
+    /// (`DEVICE_SET_RATE_LIMITED`).
+    pub network_device_set_changes_per_s: u32,
+    /// Users one shard holds, all networks together (`SHARD_USER_LIMIT`).
+    pub shard_users_max: u64,
+    /// Device token ids waiting for the token journal's thread to store them; past it a
+    /// device session is refused with `TOKEN_JOURNAL_BUSY` rather than welcomed with a token
+    /// a restart could forget.
+    pub token_journal_pending_max: u32,
 }
 
 impl Default for RelayLimits {
@@ -87,6 +105,11 @@ impl Default for RelayLimits {
             cross_core_inbox_batches_max: 1024,
             log_segment_bytes_max: 64 << 20,
             shard_ram_bytes_max: 256 << 20,
+            network_users_max: 1_000_000,
+            network_devices_max: 5_000_000,
+            network_device_set_changes_per_s: 10_000,
+            shard_users_max: 2_000_000,
+            token_journal_pending_max: 65_536,
         }
     }
 }
@@ -168,6 +191,25 @@ impl RelayLimits {
             if !ok {
                 return Err(format!("{key}: {why}"));
             }
+        }
+        self.validate_caps()
+    }
+
+    /// The caps per network and per shard.
+    fn validate_caps(&self) -> Result<(), String> {
+        if self.network_users_max == 0 || self.network_devices_max == 0 {
+            return Err(
+                "limits.network_users_max, limits.network_devices_max: must be at least 1".into(),
+            );
+        }
+        if self.network_device_set_changes_per_s == 0 {
+            return Err("limits.network_device_set_changes_per_s: must be at least 1".into());
+        }
+        if self.shard_users_max == 0 {
+            return Err("limits.shard_users_max: must be at least 1".into());
+        }
+        if self.token_journal_pending_max == 0 {
+            return Err("limits.token_journal_pending_max: must be at least 1".into());
         }
         Ok(())
     }

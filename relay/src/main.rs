@@ -56,8 +56,8 @@ enum Command {
     /// List the protocol's error codes: number, name, whether retrying may help.
     Codes,
     /// The partner registry of a running relay (operator certificate): list, show, add,
-    /// status.
-    Partner(partner_cli::PartnerArgs),
+    /// status, limits.
+    Partner(Box<partner_cli::PartnerArgs>),
     /// A relay's log, read-only: `relay log inspect PATH`.
     #[command(subcommand)]
     Log(LogCommand),
@@ -80,7 +80,7 @@ enum LogCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Partner(args) => match partner_cli::run(args) {
+        Command::Partner(args) => match partner_cli::run(*args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("relay partner: {e}");

@@ -38,7 +38,8 @@ pub struct CoreMetrics {
     /// Cross-network frames checked against the interop rules, and refused by them.
     pub policy_checked: AtomicU64,
     pub policy_refused: AtomicU64,
-    errors: [AtomicU64; 64],
+    /// One per code of `ErrorCode::ALL` (room for the registry to grow).
+    errors: [AtomicU64; 128],
     shard: [AtomicU64; SHARD_FIELDS],
 }
 
@@ -400,5 +401,108 @@ pub fn render_policy(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>], en
         out,
         "# HELP relay_policy_refused_total Cross-network frames the interop rules refused (by code in relay_errors_total)\n# TYPE relay_policy_refused_total counter\nrelay_policy_refused_total {}",
         sum(|c| &c.policy_refused)
+    );
+}
+
+/// The control plane's rate tables: live buckets per network (registered networks only, so
+/// the label set stays small).
+pub fn render_rate_buckets(out: &mut String, buckets: &[(NetworkId, usize)]) {
+    let _ = writeln!(
+        out,
+        "# HELP relay_control_rate_buckets Live rate-limit buckets in each network's own table (bounded by interop.rate_buckets_per_network_max)\n# TYPE relay_control_rate_buckets gauge"
+    );
+    for (network, count) in buckets {
+        let _ = writeln!(
+            out,
+            "relay_control_rate_buckets{{network=\"{}\"}} {count}",
+            network.0
+        );
+    }
+}
+
+/// The caps per network: each network's users and devices on the relay, its caps, and what
+/// they refused (networks are a registered few, so the label set stays small).
+pub fn render_network_caps(out: &mut String, caps: &crate::tables::caps::NetworkCaps) {
+    let figures = caps.figures();
+    type Field = fn(&crate::tables::caps::UsageFigures) -> u64;
+    let gauges: [(&str, &str, Field); 5] = [
+        (
+            "relay_network_users",
+            "Users of the network the relay holds",
+            |f| f.users,
+        ),
+        (
+            "relay_network_devices",
+            "Devices of the network's users the relay holds",
+            |f| f.devices,
+        ),
+        (
+            "relay_network_users_max",
+            "The network's cap on users",
+            |f| f.users_max,
+        ),
+        (
+            "relay_network_devices_max",
+            "The network's cap on devices",
+            |f| f.devices_max,
+        ),
+        (
+            "relay_network_device_set_changes_per_s",
+            "The network's cap on device-set changes per second",
+            |f| f.device_set_changes_per_s,
+        ),
+    ];
+    for (name, help, field) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for f in &figures {
+            let _ = writeln!(out, "{name}{{network=\"{}\"}} {}", f.network.0, field(f));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_network_cap_refused_total Changes refused by a cap of the network (users: NETWORK_USER_LIMIT, devices: NETWORK_DEVICE_LIMIT, device_set_rate: DEVICE_SET_RATE_LIMITED)\n# TYPE relay_network_cap_refused_total counter"
+    );
+    for f in &figures {
+        for (cap, value) in [
+            ("users", f.refused_users),
+            ("devices", f.refused_devices),
+            ("device_set_rate", f.refused_changes),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_network_cap_refused_total{{network=\"{}\",cap=\"{cap}\"}} {value}",
+                f.network.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_shard_user_limit_refused_total New users refused because their shard held limits.shard_users_max users (SHARD_USER_LIMIT)\n# TYPE relay_shard_user_limit_refused_total counter\nrelay_shard_user_limit_refused_total {}",
+        caps.refused_shard_full()
+    );
+}
+
+/// The device-token journal (absent at the `memory` level).
+pub fn render_token_journal(out: &mut String, journal: &crate::io::tokens::JournalMetrics) {
+    let value = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_records_total Device token ids written to the token journal\n# TYPE relay_token_journal_records_total counter\nrelay_token_journal_records_total {}",
+        value(&journal.records)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_restored Device token ids read back at start, refused as replays until they expire\n# TYPE relay_token_journal_restored gauge\nrelay_token_journal_restored {}",
+        value(&journal.restored)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_write_errors_total Journal writes that failed (those ids would be forgotten by a restart)\n# TYPE relay_token_journal_write_errors_total counter\nrelay_token_journal_write_errors_total {}",
+        value(&journal.write_errors)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_token_journal_files Token journal files on disk\n# TYPE relay_token_journal_files gauge\nrelay_token_journal_files {}",
+        value(&journal.files)
     );
 }

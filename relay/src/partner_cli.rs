@@ -109,8 +109,22 @@ enum Action {
         /// Frames it may send across networks per second (0: no limit).
         #[arg(long, default_value_t = 0)]
         messages_per_s: u32,
+        #[command(flatten)]
+        caps: CapArgs,
         #[arg(long)]
         reason: String,
+    },
+    /// Change a network's limits and caps; what is not given stays as it is.
+    Limits {
+        id: u32,
+        /// Identifiers it may look up per minute.
+        #[arg(long)]
+        discovery_per_min: Option<u32>,
+        /// Frames it may send across networks per second (0: no limit).
+        #[arg(long)]
+        messages_per_s: Option<u32>,
+        #[command(flatten)]
+        caps: CapArgs,
     },
     /// Change a network's status; a suspension needs a statutory ground.
     Status {
@@ -122,6 +136,35 @@ enum Action {
         #[arg(long, value_enum)]
         ground: Option<GroundArg>,
     },
+}
+
+/// A network's caps on the relay; one left out is the relay's default (`[limits]`).
+#[derive(Debug, Args)]
+struct CapArgs {
+    /// Its users the relay holds at most (`NETWORK_USER_LIMIT` past it).
+    #[arg(long)]
+    users_max: Option<u64>,
+    /// Its users' devices at most (`NETWORK_DEVICE_LIMIT`).
+    #[arg(long)]
+    devices_max: Option<u64>,
+    /// Its device-set changes per second (`DEVICE_SET_RATE_LIMITED`).
+    #[arg(long)]
+    device_set_changes_per_s: Option<u32>,
+}
+
+impl CapArgs {
+    /// Sets the caps given into a `limits` object.
+    fn apply(&self, limits: &mut Value) {
+        if let Some(n) = self.users_max {
+            limits["users_max"] = json!(n);
+        }
+        if let Some(n) = self.devices_max {
+            limits["devices_max"] = json!(n);
+        }
+        if let Some(n) = self.device_set_changes_per_s {
+            limits["device_set_changes_per_s"] = json!(n);
+        }
+    }
 }
 
 fn name_of<T: ValueEnum>(value: T) -> String {
@@ -141,6 +184,10 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
     let ca = args.ca.clone().unwrap_or_else(|| pki.join("ca.pem"));
     let tls = ClientTls::from_pem_files(&ca, Some((&cert, &key))).map_err(|e| e.to_string())?;
     let client = ControlClient::new(args.api, tls, &args.server_name).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let (method, path, body) = match args.action {
         Action::List => ("GET", "/v1/partners".to_string(), None),
         Action::Show { id } => ("GET", format!("/v1/partners/{id}"), None),
@@ -156,6 +203,7 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
             status,
             discovery_per_min,
             messages_per_s,
+            caps,
             reason,
         } => {
             for file in cert_file {
@@ -191,7 +239,33 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
                 "limits": {"discovery_per_min": discovery_per_min, "messages_per_s": messages_per_s},
                 "reason": reason,
             });
+            let mut body = body;
+            caps.apply(&mut body["limits"]);
             ("POST", "/v1/partners".to_string(), Some(body))
+        }
+        Action::Limits {
+            id,
+            discovery_per_min,
+            messages_per_s,
+            caps,
+        } => {
+            // What is not given stays: the record's limits, read first, are the base.
+            let path = format!("/v1/partners/{id}");
+            let current = runtime
+                .block_on(client.call("GET", &path, None))
+                .map_err(|e| format!("{}: {e}", args.api))?;
+            if !current.is_success() {
+                return Err(format!("HTTP {}: {}", current.status, current.body));
+            }
+            let mut limits = current.body["limits"].clone();
+            if let Some(n) = discovery_per_min {
+                limits["discovery_per_min"] = json!(n);
+            }
+            if let Some(n) = messages_per_s {
+                limits["messages_per_s"] = json!(n);
+            }
+            caps.apply(&mut limits);
+            ("PUT", format!("{path}/limits"), Some(limits))
         }
         Action::Status {
             id,
@@ -207,10 +281,7 @@ pub fn run(args: PartnerArgs) -> Result<(), String> {
             ("POST", format!("/v1/partners/{id}/status"), Some(body))
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+
     let response = runtime
         .block_on(client.call(method, &path, body.as_ref()))
         .map_err(|e| format!("{}: {e}", args.api))?;

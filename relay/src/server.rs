@@ -62,9 +62,16 @@ impl Server {
         }
         let shared = relay.shared.clone();
         let durability = config.durability.name();
+        let limited = control.clone();
+        let journal = relay.tokens.as_ref().map(|j| j.metrics.clone());
         let render = Arc::new(move || {
             let mut text = crate::metrics::render(&shared.metrics, &shared.connections, durability);
             crate::metrics::render_policy(&mut text, &shared.metrics, shared.policy.enforced());
+            crate::metrics::render_rate_buckets(&mut text, &limited.rate_buckets());
+            crate::metrics::render_network_caps(&mut text, shared.policy.caps());
+            if let Some(journal) = &journal {
+                crate::metrics::render_token_journal(&mut text, journal);
+            }
             text
         });
         let context = HttpContext {

@@ -124,9 +124,9 @@ impl ControlPlane {
             .limiter
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take(now_ms, cost, &limits);
-        if let Err(wait_ms) = taken {
-            return Err(ApiError::rate_limited("discovery rate", wait_ms));
+            .take(network, now_ms, cost, &limits);
+        if let Err(refused) = taken {
+            return Err(ApiError::rate_refused("discovery rate", refused));
         }
         let reader = self.store.reader()?;
         let mut matches = Vec::new();

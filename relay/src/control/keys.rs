@@ -287,6 +287,23 @@ impl ControlPlane {
             network,
             user: codec::UserId(claim.requester.0),
         };
+        // Both users must be enlisted before anything is charged, for claims within the
+        // caller's own network too (the interop rules below pass those untouched): claims
+        // that name strangers take no bucket from the caller's rate table.
+        let enlisted = |u: &UserAddress| self.policy.user(u).is_some_and(|p| p.enlisted);
+        if !enlisted(&requester) {
+            return Err(ApiError::new(
+                ErrorCode::SenderNotEnlisted,
+                format!(
+                    "user {:032x} has not opted in to interoperability",
+                    requester.user.0
+                ),
+            ));
+        }
+        if !enlisted(&user) {
+            // Never say whether an unknown user exists.
+            return Err(ApiError::not_found());
+        }
         // The same rules as an envelope: a key claim is a first contact.
         let verdict = self.policy.check(&requester, &user);
         if let Some(contact) = verdict.contact {
@@ -318,9 +335,9 @@ impl ControlPlane {
             .limiter
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take(now_ms, 1, &limits);
-        if let Err(wait_ms) = taken {
-            return Err(ApiError::rate_limited("key claim", wait_ms));
+            .take(network, now_ms, 1, &limits);
+        if let Err(refused) = taken {
+            return Err(ApiError::rate_refused("key claim", refused));
         }
         let user_key = user_key(&user);
         let low = u64::from(self.settings.prekeys_low);

@@ -71,14 +71,20 @@ impl ApiError {
             | ErrorCode::SenderOutsideRegion
             | ErrorCode::PartnerSuspended
             | ErrorCode::PartnerTesting
-            | ErrorCode::NetworkUnknown => 403,
+            | ErrorCode::NetworkUnknown
+            | ErrorCode::NetworkUserLimit
+            | ErrorCode::NetworkDeviceLimit => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists | ErrorCode::IdentifierTaken | ErrorCode::RequestDecided => {
                 409
             }
             ErrorCode::BodyTooLarge => 413,
-            ErrorCode::RateLimited => 429,
-            ErrorCode::StorageUnavailable | ErrorCode::DataPlaneUnavailable => 503,
+            ErrorCode::RateLimited | ErrorCode::RateTableFull | ErrorCode::DeviceSetRateLimited => {
+                429
+            }
+            ErrorCode::StorageUnavailable
+            | ErrorCode::DataPlaneUnavailable
+            | ErrorCode::ShardUserLimit => 503,
             _ => 500,
         };
         ApiError {
@@ -102,6 +108,25 @@ impl ApiError {
         );
         error.retry_after_s = Some(seconds);
         error
+    }
+
+    /// What the network's rate table refused: `RATE_LIMITED`, or `RATE_TABLE_FULL` when
+    /// its own table is full; with `Retry-After` either way.
+    pub fn rate_refused(what: &str, refused: ratelimit::Refused) -> ApiError {
+        match refused {
+            ratelimit::Refused::Wait(wait_ms) => ApiError::rate_limited(what, wait_ms),
+            ratelimit::Refused::TableFull(wait_ms) => {
+                let seconds = wait_ms.div_ceil(1000);
+                let mut error = ApiError::new(
+                    ErrorCode::RateTableFull,
+                    format!(
+                        "your network's rate-limit table is full (interop.rate_buckets_per_network_max); retry in {seconds} s"
+                    ),
+                );
+                error.retry_after_s = Some(seconds);
+                error
+            }
+        }
     }
 
     pub fn not_found() -> ApiError {
@@ -154,6 +179,10 @@ pub struct InteropSettings {
     pub api_body_bytes_max: u32,
     /// How long events stay in the feed (minimal metadata: they go after this).
     pub events_retention_days: u32,
+    /// Rate-limit buckets (one per partner, requesting user, claim pair) one network may
+    /// have live at once, in a table of its own: a network that fills it is refused with
+    /// `RATE_TABLE_FULL`, and no other network notices.
+    pub rate_buckets_per_network_max: u32,
     /// The data plane's `limits.devices_per_user_max`, which device sets must respect (set
     /// from `[limits]` at start, not configured here).
     #[serde(skip, default = "default_devices_per_user_max")]
@@ -181,6 +210,7 @@ impl Default for InteropSettings {
             location_sweep_s: 60,
             api_body_bytes_max: 1 << 20,
             events_retention_days: 30,
+            rate_buckets_per_network_max: 100_000,
             devices_per_user_max: default_devices_per_user_max(),
         }
     }
@@ -204,6 +234,9 @@ impl InteropSettings {
         }
         if self.events_retention_days == 0 {
             return Err("interop.events_retention_days: must be at least 1".into());
+        }
+        if !(16..=10_000_000).contains(&self.rate_buckets_per_network_max) {
+            return Err("interop.rate_buckets_per_network_max: must be 16 to 10000000".into());
         }
         if self.api_body_bytes_max < 1024 {
             return Err("interop.api_body_bytes_max: must be at least 1024".into());
@@ -261,6 +294,7 @@ pub struct ControlPlane {
     auth: Arc<Auth>,
     data_plane: Arc<dyn DataPlane>,
     operators: Vec<[u8; 32]>,
+    /// Each network's rate buckets, in a table of its own (see `ratelimit`).
     limiter: Mutex<RateLimiter>,
     /// Serializes read-modify-write sequences that span the store and the policy table.
     writer: Mutex<()>,
@@ -301,6 +335,7 @@ impl ControlPlane {
                 operators.push(hash);
             }
         }
+        let limiter = RateLimiter::new(settings.rate_buckets_per_network_max);
         let control = ControlPlane {
             settings,
             store,
@@ -308,7 +343,7 @@ impl ControlPlane {
             auth,
             data_plane,
             operators,
-            limiter: Mutex::new(RateLimiter::default()),
+            limiter: Mutex::new(limiter),
             writer: Mutex::new(()),
             contact_retry: Mutex::new(Vec::new()),
         };
@@ -346,6 +381,14 @@ impl ControlPlane {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Live rate-limit buckets per network, for `/metrics`.
+    pub fn rate_buckets(&self) -> Vec<(NetworkId, usize)> {
+        self.limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .buckets()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {

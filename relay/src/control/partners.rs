@@ -14,6 +14,7 @@ use super::events::{self, EventKind};
 use super::store::PARTNERS;
 use super::{ApiError, ApiResult, Caller, ControlPlane, require_operator};
 use crate::tables::auth::NetworkEntry;
+use crate::tables::caps::Caps;
 use crate::tables::policy::PartnerStatus;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -59,6 +60,18 @@ pub struct TrafficLimits {
     /// sessions (bursts of one second's worth pass); 0: no limit. Past it: `RATE_LIMITED`
     /// with a `retry_after_ms`.
     pub messages_per_s: u32,
+    /// The network's users the relay holds at most, over every shard; absent: the relay's
+    /// `limits.network_users_max`. Past it a new user is refused with `NETWORK_USER_LIMIT`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users_max: Option<u64>,
+    /// Its users' devices at most; absent: `limits.network_devices_max`
+    /// (`NETWORK_DEVICE_LIMIT`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices_max: Option<u64>,
+    /// Device-set changes per second; absent: `limits.network_device_set_changes_per_s`
+    /// (`DEVICE_SET_RATE_LIMITED`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_set_changes_per_s: Option<u32>,
 }
 
 impl Default for TrafficLimits {
@@ -66,7 +79,45 @@ impl Default for TrafficLimits {
         TrafficLimits {
             discovery_per_min: 60_000,
             messages_per_s: 0,
+            users_max: None,
+            devices_max: None,
+            device_set_changes_per_s: None,
         }
+    }
+}
+
+/// The largest cap a partner record may set (users, devices, changes per second).
+const CAP_MAX: u64 = u32::MAX as u64;
+
+impl TrafficLimits {
+    /// The caps per network the shards enforce.
+    fn caps(&self) -> Caps {
+        Caps {
+            users_max: self.users_max,
+            devices_max: self.devices_max,
+            device_set_changes_per_s: self.device_set_changes_per_s,
+        }
+    }
+
+    fn check(&self) -> ApiResult<()> {
+        let caps = [
+            ("users_max", self.users_max),
+            ("devices_max", self.devices_max),
+            (
+                "device_set_changes_per_s",
+                self.device_set_changes_per_s.map(u64::from),
+            ),
+        ];
+        for (field, value) in caps {
+            if let Some(value) = value
+                && !(1..=CAP_MAX).contains(&value)
+            {
+                return Err(ApiError::malformed(format!(
+                    "limits.{field}: 1 to {CAP_MAX}, or absent for the relay's default"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -265,6 +316,9 @@ impl ControlPlane {
                 .set_network(NetworkId(partner.id), partner.status);
             self.policy
                 .set_rate(NetworkId(partner.id), partner.limits.messages_per_s);
+            self.policy
+                .caps()
+                .set(NetworkId(partner.id), partner.limits.caps());
             entries.push(partner.entry());
         }
         self.auth
@@ -314,6 +368,7 @@ impl ControlPlane {
             )));
         }
         check_reason(&new.reason)?;
+        new.limits.check()?;
         let mut fingerprints = Vec::new();
         for fingerprint in &new.cert_sha256 {
             let lower = fingerprint.to_ascii_lowercase();
@@ -448,6 +503,30 @@ impl ControlPlane {
             partner.architecture,
             partner.status
         );
+        Ok(partner)
+    }
+
+    /// The operator changes a network's limits and caps; they hold at once on every core
+    /// (users and devices already there stay, even past a lowered cap: only new ones are
+    /// refused).
+    pub fn partner_set_limits(
+        &self,
+        caller: Caller,
+        id: u32,
+        limits: TrafficLimits,
+    ) -> ApiResult<Partner> {
+        require_operator(caller)?;
+        limits.check()?;
+        let _guard = self.lock();
+        let partner = self.store.write(|tx| {
+            let key = id.to_string();
+            let mut partner: Partner = tx.get(PARTNERS, &key)?.ok_or_else(ApiError::not_found)?;
+            partner.limits = limits;
+            tx.put(PARTNERS, &key, &partner)?;
+            Ok::<Partner, ApiError>(partner)
+        })?;
+        self.sync_networks()?;
+        tracing::info!(network = id, "partner limits set: {:?}", partner.limits);
         Ok(partner)
     }
 

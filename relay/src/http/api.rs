@@ -23,7 +23,7 @@ use serde_json::json;
 use super::context::{HttpContext, Peer};
 use crate::control::discovery::{DiscoveryRequest, Match};
 use crate::control::keys::{Claim, KeyUpload};
-use crate::control::partners::{NewPartner, NewStatus};
+use crate::control::partners::{NewPartner, NewStatus, TrafficLimits};
 use crate::control::requests::RequestState;
 use crate::control::users::{Attestation, Enlistment, IdentifierChange};
 use crate::control::{ApiError, ApiResult, Caller, ControlPlane, String32, parse_user_id};
@@ -64,6 +64,7 @@ pub fn router(context: HttpContext) -> Router {
         .route("/v1/partners", get(partners_list).post(partner_add))
         .route("/v1/partners/{id}", get(partner_show))
         .route("/v1/partners/{id}/status", post(partner_status))
+        .route("/v1/partners/{id}/limits", put(partner_limits))
         .route(
             "/v1/users/{network}/{user}",
             put(user_enlist).get(user_show).delete(user_opt_out),
@@ -326,6 +327,17 @@ async fn partner_status(
     let partner =
         blocking(move || control.partner_set_status(caller, id, change, crate::io::now_ms()))
             .await?;
+    Ok(Json(partner).into_response())
+}
+
+async fn partner_limits(
+    Authed(control, caller): Authed,
+    ApiPath(id): ApiPath<String>,
+    Body(bytes): Body,
+) -> ApiResult<Response> {
+    let id: u32 = parse_number("id", &id)?;
+    let limits: TrafficLimits = body(&bytes)?;
+    let partner = blocking(move || control.partner_set_limits(caller, id, limits)).await?;
     Ok(Json(partner).into_response())
 }
 

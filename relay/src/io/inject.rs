@@ -102,6 +102,18 @@ impl ShardInjector {
             match refusal.code {
                 ErrorCode::StorageUnavailable => ApiError::new(refusal.code, message),
                 ErrorCode::DeviceLimit => ApiError::new(refusal.code, message),
+                // The caps per network and per shard (`tables::caps`), with their hint.
+                ErrorCode::NetworkUserLimit
+                | ErrorCode::NetworkDeviceLimit
+                | ErrorCode::DeviceSetRateLimited
+                | ErrorCode::ShardUserLimit => {
+                    let mut error = ApiError::new(refusal.code, message);
+                    if refusal.retry_after_ms > 0 {
+                        error.retry_after_s =
+                            Some(u64::from(refusal.retry_after_ms).div_ceil(1000));
+                    }
+                    error
+                }
                 _ => ApiError::new(ErrorCode::DataPlaneUnavailable, message),
             }
         })

@@ -7,6 +7,7 @@ pub mod inject;
 pub mod shared;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct Relay {
     pub listen: SocketAddr,
     pub shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The device-token journal (none at the `memory` level): stopped after the cores.
+    pub tokens: Option<tokens::TokenJournal>,
 }
 
 impl Relay {
@@ -57,6 +60,9 @@ impl Relay {
     ) -> Result<Relay, String> {
         let (tls_paths, _) = config.resolve_identities()?;
         let tls = tls::server_config(&tls_paths, &auth)?;
+        policy
+            .caps()
+            .set_defaults(crate::tables::caps::CapDefaults::of(&config.limits));
         let cores = config.cores;
         let mut senders = Vec::new();
         let mut inboxes = Vec::new();
@@ -69,6 +75,17 @@ impl Relay {
         if config.durability != Durability::Memory {
             store::check_layout(&config.data_dir, cores)?;
         }
+        // Token ids seen before a restart are back before the first handshake.
+        let journal = match config.durability {
+            Durability::Memory => None,
+            durability => Some(tokens::TokenJournal::open(
+                &config.data_dir,
+                &auth,
+                durability == Durability::Fsync,
+                config.limits.token_journal_pending_max,
+                now_ms(),
+            )?),
+        };
         let shared = Arc::new(Shared {
             cores,
             limits: config.limits,
@@ -85,6 +102,7 @@ impl Relay {
                 .collect(),
             connections: Connections::default(),
             stopping: AtomicBool::new(false),
+            shards_open: tokio::sync::Barrier::new(usize::from(cores)),
         });
         let first =
             bind_reuseport(config.listen).map_err(|e| format!("listen {}: {e}", config.listen))?;
@@ -115,6 +133,7 @@ impl Relay {
             listen,
             shared,
             threads,
+            tokens: journal,
         })
     }
 
@@ -127,13 +146,18 @@ impl Relay {
         for thread in self.threads {
             let _ = thread.join();
         }
+        if let Some(journal) = self.tokens {
+            journal.stop();
+        }
     }
 }
 
 /// The core's shard: empty at the memory level, else rebuilt from its log directory.
 fn open_shard(index: u16, shared: &Shared) -> Result<(Shard, Option<store::ShardDir>), String> {
     if shared.durability == Durability::Memory {
-        return Ok((Shard::new(shared.limits), None));
+        let mut shard = Shard::new(shared.limits);
+        shard.share_caps(shared.policy.caps().clone());
+        return Ok((shard, None));
     }
     let mut dir = store::ShardDir::new(&shared.data_dir, index);
     let started = std::time::Instant::now();
@@ -175,6 +199,8 @@ fn open_shard(index: u16, shared: &Shared) -> Result<(Shard, Option<store::Shard
     );
     m.log_rescued_frames
         .store(damaged.iter().map(|d| d.frames).sum(), Ordering::Relaxed);
+    let mut shard = shard;
+    shard.share_caps(shared.policy.caps().clone());
     Ok((shard, Some(dir)))
 }
 
@@ -262,6 +288,7 @@ fn run_core(
             tokio_uring::spawn(core.clone().run_timers());
             tokio_uring::spawn(core.clone().run_flusher());
             let _ = ready.send(Ok(()));
+            shared.shards_open.wait().await;
             let control = shared.control[usize::from(index)].clone();
             loop {
                 tokio::select! {

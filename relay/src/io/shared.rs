@@ -34,6 +34,10 @@ pub struct Shared {
     pub metrics: Vec<Arc<CoreMetrics>>,
     pub connections: Connections,
     pub stopping: AtomicBool,
+    /// Every core waits here, once its shard is open and counted in the caps per network,
+    /// before it accepts a connection: until every shard has counted the users it recovered,
+    /// a network's figures are short and a new user could take it past its cap.
+    pub shards_open: tokio::sync::Barrier,
 }
 
 /// Work one core hands another.

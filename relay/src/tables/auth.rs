@@ -107,6 +107,21 @@ impl TokenCache {
         self.expiry.push(Reverse((expires_at_ms, id)));
         Ok(())
     }
+
+    /// Takes back a record whose journal entry could not be handed on (its expiry entry
+    /// goes lazily).
+    fn forget(&mut self, id: u128) {
+        self.seen.remove(&id);
+    }
+}
+
+/// A device token id the relay has seen: what the token journal (`io::tokens`) keeps on
+/// disk until `expires_at_ms`, so that a replay is refused after a restart too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenToken {
+    pub network: NetworkId,
+    pub token_id: u128,
+    pub expires_at_ms: u64,
 }
 
 /// The network table: by id, by certificate fingerprint, and by issuing CA.
@@ -128,6 +143,9 @@ pub struct Auth {
     token_ids_max: usize,
     /// The TLS client verifier, told of every network CA.
     verifier: OnceLock<Arc<DynamicClientVerifier>>,
+    /// Where each token id seen goes to be stored (the IO shell's token journal); unset at
+    /// the `memory` durability level, where a restart forgets them.
+    journal: OnceLock<crossbeam_channel::Sender<SeenToken>>,
 }
 
 impl Table {
@@ -185,7 +203,41 @@ impl Auth {
             tokens: Mutex::new(HashMap::new()),
             token_ids_max: token_ids_max.max(1),
             verifier: OnceLock::new(),
+            journal: OnceLock::new(),
         })
+    }
+
+    /// From now on every token id accepted is handed to `journal` to be stored; a handshake
+    /// whose id the journal cannot take (it is behind) is refused with
+    /// `TOKEN_JOURNAL_BUSY`, so that no token is accepted that a restart would forget.
+    pub fn attach_journal(&self, journal: crossbeam_channel::Sender<SeenToken>) {
+        let _ = self.journal.set(journal);
+    }
+
+    /// Token ids seen before a restart (read back from the journal), refused as replays
+    /// until they expire. Returns how many were still live (past `token_ids_max` per network
+    /// the rest are dropped: that many live tokens cannot have been accepted).
+    pub fn restore_tokens(&self, now_ms: u64, tokens: &[SeenToken]) -> usize {
+        let mut caches = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut restored = 0;
+        for token in tokens {
+            let cache = caches.entry(token.network).or_insert_with(|| TokenCache {
+                seen: HashMap::new(),
+                expiry: BinaryHeap::new(),
+                max: self.token_ids_max,
+            });
+            if token.expires_at_ms > now_ms
+                && cache
+                    .record(now_ms, token.token_id, token.expires_at_ms)
+                    .is_ok()
+            {
+                restored += 1;
+            }
+        }
+        restored
     }
 
     /// Keeps `verifier` trusting every network CA of the table, now and after each change.
@@ -346,8 +398,25 @@ impl Auth {
             expiry: BinaryHeap::new(),
             max: self.token_ids_max,
         });
-        match tokens.record(now_ms, token.token_id.to_native(), expires_at_ms) {
-            Ok(()) => Ok(Principal::Device { device }),
+        let token_id = token.token_id.to_native();
+        match tokens.record(now_ms, token_id, expires_at_ms) {
+            Ok(()) => {
+                let seen = SeenToken {
+                    network: device.network,
+                    token_id,
+                    expires_at_ms,
+                };
+                if let Some(journal) = self.journal.get()
+                    && journal.try_send(seen).is_err()
+                {
+                    tokens.forget(token_id);
+                    return Err(refused(
+                        ErrorCode::TokenJournalBusy,
+                        "the relay cannot record device tokens right now; retry",
+                    ));
+                }
+                Ok(Principal::Device { device })
+            }
             Err(ErrorCode::TokenReplayed) => Err(refused(
                 ErrorCode::TokenReplayed,
                 "this device token was used before",

@@ -28,6 +28,8 @@ use dashmap::DashMap;
 type Map<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
 use serde::{Deserialize, Serialize};
 
+use super::caps::{CapDefaults, NetworkCaps};
+
 /// A partner network's activation status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,6 +180,9 @@ pub struct Policy {
     pairs_of: Map<UserAddress, Vec<(UserAddress, Party)>>,
     contacts: Sender<ContactEvent>,
     contacts_rx: Receiver<ContactEvent>,
+    /// Each network's caps on users, devices and device-set changes: per-network limits the
+    /// control plane sets from partner records, like `rates`; the shards charge them.
+    caps: Arc<NetworkCaps>,
 }
 
 /// What [`Policy::check`] decided for one cross-network frame.
@@ -213,7 +218,16 @@ impl Policy {
             pairs_of: Map::default(),
             contacts: tx,
             contacts_rx: rx,
+            caps: Arc::new(NetworkCaps::new(CapDefaults::of(
+                &crate::limits::RelayLimits::default(),
+            ))),
         }
+    }
+
+    /// Each network's caps on users, devices and device-set changes (enforced whether or not
+    /// the interop rules are: they bound the relay's memory, not who may talk to whom).
+    pub fn caps(&self) -> &Arc<NetworkCaps> {
+        &self.caps
     }
 
     pub fn enforced(&self) -> bool {

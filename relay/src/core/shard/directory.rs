@@ -24,21 +24,30 @@ impl Shard {
         self.rebind_network(network);
     }
 
-    pub(super) fn attach_device(&mut self, device: DeviceAddress, conn: ConnId) {
+    pub(super) fn attach_device(&mut self, now_ms: u64, device: DeviceAddress, conn: ConnId) {
         let user = device.user_address();
         let limit = usize::from(self.limits.devices_per_user_max);
-        let state = self.dir.users.entry(user).or_default();
-        let added = !state.devices.iter().any(|d| d.id == device.device);
-        if added && state.devices.len() >= limit {
-            if state.devices.is_empty() {
-                self.dir.users.remove(&user);
-            }
-            self.out.push_back(ShardOutput::Close {
-                conn,
-                code: ErrorCode::DeviceLimit,
-            });
+        let old = self.dir.users.get(&user).map(|s| s.devices.len());
+        let added = !self
+            .dir
+            .users
+            .get(&user)
+            .is_some_and(|s| s.devices.iter().any(|d| d.id == device.device));
+        let charged = if !added {
+            Ok(())
+        } else if old.unwrap_or(0) >= limit {
+            Err(ErrorCode::DeviceLimit)
+        } else {
+            // A device session adding its own device changes the set like a `DeviceList`.
+            let new = old.unwrap_or(0) + 1;
+            self.charge_device_set(now_ms, user, old, new)
+                .map_err(|refusal| refusal.code)
+        };
+        if let Err(code) = charged {
+            self.out.push_back(ShardOutput::Close { conn, code });
             return;
         }
+        let state = self.dir.users.entry(user).or_default();
         state.device_or_new(device.device).direct = Some(conn);
         if added {
             self.log_device_set(user);
@@ -103,6 +112,7 @@ impl Shard {
     #[allow(clippy::result_large_err)]
     pub(super) fn set_devices(
         &mut self,
+        now_ms: u64,
         user: UserAddress,
         devices: &[DeviceId],
     ) -> Result<(), Refusal> {
@@ -118,6 +128,8 @@ impl Shard {
         if self.log_failed() {
             return Err(Refusal::storage_unavailable());
         }
+        let old = self.dir.users.get(&user).map(|s| s.devices.len());
+        self.charge_device_set(now_ms, user, old, wanted.len())?;
         let removed = self
             .dir
             .users
@@ -147,9 +159,13 @@ impl Shard {
     /// Carries out a control-plane change.
     // See `set_devices`.
     #[allow(clippy::result_large_err)]
-    pub(super) fn apply_control(&mut self, change: ControlChange) -> Result<(), Refusal> {
+    pub(super) fn apply_control(
+        &mut self,
+        now_ms: u64,
+        change: ControlChange,
+    ) -> Result<(), Refusal> {
         match change {
-            ControlChange::SetDevices { user, devices } => self.set_devices(user, &devices),
+            ControlChange::SetDevices { user, devices } => self.set_devices(now_ms, user, &devices),
             ControlChange::PurgeInterop { user } => {
                 if self.log_failed() {
                     return Err(Refusal::storage_unavailable());

@@ -18,6 +18,7 @@
 //! The outputs depend on the inputs alone: where the shard walks many users or devices it does
 //! so in address order, never in a hash map's, so a seeded simulation replays exactly.
 
+mod caps;
 mod delivery;
 mod directory;
 mod durable;
@@ -28,6 +29,7 @@ mod state;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use codec::{DeviceAddress, DeviceId, MessageId, UserAddress};
@@ -38,6 +40,7 @@ use super::DeviceSet;
 use super::dedup::Dedup;
 use super::log::ShardLog;
 use crate::limits::RelayLimits;
+use crate::tables::caps::{CapDefaults, NetworkCaps};
 
 /// A queued frame's TTL: (expires at, user, device, seq). Entries of frames released since
 /// are dropped lazily.
@@ -61,6 +64,9 @@ pub struct Shard {
     reloading: Option<u64>,
     /// Lists kept between calls for walks in address order (compaction, spilling).
     scratch: Scratch,
+    /// The caps per network its users charge: the relay's, shared by every shard once
+    /// [`Shard::share_caps`] ran; until then (and in tests) the shard's own.
+    caps: Arc<NetworkCaps>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +89,7 @@ impl Shard {
             awaiting: VecDeque::new(),
             reloading: None,
             scratch: Scratch::default(),
+            caps: Arc::new(NetworkCaps::new(CapDefaults::of(&limits))),
         }
     }
 
@@ -107,7 +114,7 @@ impl Shard {
                 devices,
                 reply_to,
             } => {
-                let result = self.set_devices(user, &devices);
+                let result = self.set_devices(now_ms, user, &devices);
                 let ack = ShardOutput::Ack {
                     conn: reply_to,
                     of: AckOf::DeviceList,
@@ -117,12 +124,12 @@ impl Shard {
                 };
                 self.emit_when_stored(ack);
             }
-            ShardInput::AttachDevice { device, conn } => self.attach_device(device, conn),
+            ShardInput::AttachDevice { device, conn } => self.attach_device(now_ms, device, conn),
             ShardInput::DetachDevice { device, conn } => self.detach_device(device, conn),
             ShardInput::AttachServer { network, conn } => self.attach_server(network, conn),
             ShardInput::DetachServer { network, conn } => self.detach_server(network, conn),
             ShardInput::Control { ticket, change } => {
-                let result = self.apply_control(change);
+                let result = self.apply_control(now_ms, change);
                 self.emit_when_stored(ShardOutput::Applied { ticket, result });
             }
         }

@@ -422,5 +422,7 @@ impl Shard {
         if let Some(log) = self.log.as_mut() {
             log.collect_dead();
         }
+        // Everything replayed was admitted once: it counts, and is never refused now.
+        self.count_users_into_caps();
     }
 }
