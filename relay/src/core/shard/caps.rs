@@ -228,6 +228,14 @@ mod tests {
             }
             Ok(())
         }
+        fn append_durably(&mut self, id: u64, bytes: &[u8]) -> std::io::Result<()> {
+            self.0.entry(id).or_default().extend_from_slice(bytes);
+            Ok(())
+        }
+        fn remove(&mut self, id: u64) -> std::io::Result<()> {
+            self.0.remove(&id);
+            Ok(())
+        }
         fn quarantine(&mut self, id: u64) -> std::io::Result<()> {
             self.0.remove(&id);
             Ok(())
