@@ -66,6 +66,33 @@ pub struct RelayLimits {
     /// it, frames of offline devices leave memory (they are in the log) and are read back
     /// when their device returns. `shard_queued_bytes_max` bounds what is queued in all.
     pub shard_ram_bytes_max: u64,
+
+    // The data port against a hostile internet: deadlines and admission (docs/operations.md,
+    // "The data port's deadlines and admission").
+    /// How long a new connection has to finish its TLS handshake; past it, it is closed
+    /// (`HANDSHAKE_TIMEOUT`, counted; no frame can be sent without TLS).
+    pub tls_handshake_timeout_ms: u32,
+    /// How long a connection has, once TLS is up, to send `Hello`; past it, `HELLO_REQUIRED`.
+    pub hello_timeout_ms: u32,
+    /// How long an established session may send nothing; past it, `IDLE_TIMEOUT`. The relay
+    /// sends a `KeepAlive` to sessions that enabled the feature after half of it.
+    pub idle_timeout_ms: u32,
+    /// How long a client may leave the relay's bytes untaken (no progress on a write);
+    /// past it, `WRITE_TIMEOUT`.
+    pub write_timeout_ms: u32,
+    /// Plaintext bytes the relay buffers for a client before it is authenticated: a frame
+    /// announced larger than this before `Hello` is accepted ends the session
+    /// (`PREAUTH_LIMIT`).
+    pub preauth_bytes_max: u32,
+    /// Connections one core keeps that have not authenticated; the rest of
+    /// `connections_per_core_max` is reserved for authenticated sessions. At the cap, the
+    /// oldest unauthenticated connection is closed to make room.
+    pub unauthenticated_per_core_max: u32,
+    /// Unauthenticated connections from one source address (an IPv6 /64), all cores together.
+    pub unauthenticated_per_source_max: u32,
+    /// TLS handshakes one core starts per second (a token bucket holding one second's
+    /// worth); connections past it are closed at once.
+    pub handshakes_per_core_per_second_max: u32,
 }
 
 impl Default for RelayLimits {
@@ -87,6 +114,15 @@ impl Default for RelayLimits {
             cross_core_inbox_batches_max: 1024,
             log_segment_bytes_max: 64 << 20,
             shard_ram_bytes_max: 256 << 20,
+
+            tls_handshake_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            write_timeout_ms: 30_000,
+            preauth_bytes_max: 16 * 1024,
+            unauthenticated_per_core_max: 20_000,
+            unauthenticated_per_source_max: 256,
+            handshakes_per_core_per_second_max: 2_000,
         }
     }
 }
@@ -162,6 +198,50 @@ impl RelayLimits {
                 "limits.cross_core_batch_max",
                 self.cross_core_batch_max >= 1 && self.cross_core_inbox_batches_max >= 1,
                 "cross_core_batch_max and cross_core_inbox_batches_max must be at least 1".into(),
+            ),
+        ];
+        for (key, ok, why) in checks {
+            if !ok {
+                return Err(format!("{key}: {why}"));
+            }
+        }
+        self.validate_data_port()
+    }
+
+    /// The data port's deadlines and admission bounds.
+    fn validate_data_port(&self) -> Result<(), String> {
+        let hello_bytes = codec::limits::PREAMBLE_BYTES + codec::limits::HEADER_BYTES_MAX;
+        let checks: [(&str, bool, String); 6] = [
+            (
+                "limits.tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms >= 1 && self.hello_timeout_ms >= 1,
+                "tls_handshake_timeout_ms and hello_timeout_ms must be at least 1".into(),
+            ),
+            (
+                "limits.idle_timeout_ms",
+                self.idle_timeout_ms >= 2,
+                "must be at least 2 (a keep-alive goes out after half of it)".into(),
+            ),
+            (
+                "limits.write_timeout_ms",
+                self.write_timeout_ms >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "limits.preauth_bytes_max",
+                self.preauth_bytes_max as usize >= hello_bytes,
+                format!("must hold the largest Hello ({hello_bytes} bytes)"),
+            ),
+            (
+                "limits.unauthenticated_per_core_max",
+                (1..=self.connections_per_core_max).contains(&self.unauthenticated_per_core_max),
+                "must be 1 to connections_per_core_max".into(),
+            ),
+            (
+                "limits.unauthenticated_per_source_max",
+                self.unauthenticated_per_source_max >= 1
+                    && self.handshakes_per_core_per_second_max >= 1,
+                "unauthenticated_per_source_max and handshakes_per_core_per_second_max must be at least 1".into(),
             ),
         ];
         for (key, ok, why) in checks {

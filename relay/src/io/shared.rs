@@ -34,6 +34,8 @@ pub struct Shared {
     pub metrics: Vec<Arc<CoreMetrics>>,
     pub connections: Connections,
     pub stopping: AtomicBool,
+    /// Unauthenticated connections per source address, every core's together.
+    pub sources: super::admission::Sources,
 }
 
 /// Work one core hands another.
