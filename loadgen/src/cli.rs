@@ -56,8 +56,8 @@ pub enum Command {
         #[arg(long, default_value_t = 10_000)]
         idle: u32,
         /// Bytes of the unfinished Hello each idle connection sends (the relay's
-        /// preauth_bytes_max, 16384, is the worst case).
-        #[arg(long, default_value_t = 16_384)]
+        /// preauth_bytes_max, 8200 by default, is the worst case).
+        #[arg(long, default_value_t = 8_200)]
         push: u32,
         /// TLS handshakes per second from other addresses while the partner is timed.
         #[arg(long, default_value_t = 1_000)]

@@ -80,7 +80,8 @@ async fn open_idle(
     push: u32,
 ) -> Result<TlsStream<TcpStream>, String> {
     let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-    let mut frame = push.to_le_bytes().to_vec();
+    // The length prefix counts the bytes after it: the frame is `push` bytes in all.
+    let mut frame = push.saturating_sub(4).to_le_bytes().to_vec();
     frame.extend_from_slice(&[1, 1]);
     frame.extend_from_slice(&8192u16.to_le_bytes());
     frame.resize(push.saturating_sub(1).max(8) as usize, 0x5a);
@@ -234,13 +235,37 @@ async fn partner_round(
     }
 }
 
+/// The sum of the relay's integer metric `name` (any labels), read from its `/metrics`.
+async fn metric(http: SocketAddr, name: &str) -> Result<u64, String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter(|line| line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum())
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
 /// Runs the whole measurement; prints a summary (and writes `--json`).
 pub fn run(args: &HostileArgs) -> Result<(), String> {
-    let wanted = u64::from(args.idle) * 2 + 4096;
+    // Loadgen and the relay it spawns (which inherits the limit) each hold one end of every
+    // idle connection, plus the flood's and the partner's.
+    let wanted = u64::from(args.idle) + 4096;
     let nofile = crate::machine::raise_nofile(wanted);
     if nofile < wanted {
         return Err(format!(
@@ -291,7 +316,8 @@ pub fn run(args: &HostileArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let outcome = runtime.block_on(measure(args, addr, &identities, relay.pid()));
+    let http = relay.ready.http;
+    let outcome = runtime.block_on(measure(args, addr, http, &identities, relay.pid()));
     let log = relay.stop();
     let _ = std::fs::remove_dir_all(&workdir);
     let report = outcome.map_err(|e| format!("{e}\nrelay log:\n{log}"))?;
@@ -308,6 +334,7 @@ pub fn run(args: &HostileArgs) -> Result<(), String> {
 async fn measure(
     args: &HostileArgs,
     addr: SocketAddr,
+    http: SocketAddr,
     identities: &Identities,
     pid: u32,
 ) -> Result<serde_json::Value, String> {
@@ -339,6 +366,9 @@ async fn measure(
     let open_s = opened_at.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_crowd = rss_kib(pid).ok_or("no RSS for the relay")?;
+    // What the relay itself says: the crowd is held, unauthenticated, its bytes read.
+    let held = metric(http, "relay_connections_unauthenticated").await?;
+    let bytes_in = metric(http, "relay_tls_bytes_in_total").await?;
     let per_conn_bytes =
         (rss_crowd.saturating_sub(rss_before) * 1024) / u64::from(args.idle.max(1));
 
@@ -368,6 +398,8 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let rss_flood = rss_kib(pid).ok_or("no RSS for the relay")?;
+    let refused_at_accept = metric(http, "relay_accept_refused_total").await?;
+    let held_after = metric(http, "relay_connections_unauthenticated").await?;
     stop.store(true, Ordering::Relaxed);
     if let Some(flooding) = flooding {
         let _ = flooding.await;
@@ -380,6 +412,10 @@ async fn measure(
     let max = sorted.last().copied().unwrap_or(0.0);
     Ok(json!({
         "idle_connections": still_open,
+        "relay_unauthenticated_with_crowd": held,
+        "relay_unauthenticated_after_flood": held_after,
+        "relay_tls_bytes_in_with_crowd": bytes_in,
+        "relay_accept_refused_total": refused_at_accept,
         "idle_push_bytes": args.push,
         "idle_open_seconds": open_s,
         "relay_rss_mib_before": mib(rss_before),

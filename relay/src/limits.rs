@@ -119,8 +119,12 @@ impl Default for RelayLimits {
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             write_timeout_ms: 30_000,
-            preauth_bytes_max: 16 * 1024,
-            unauthenticated_per_core_max: 20_000,
+            // The largest Hello: an unauthenticated client needs no more.
+            preauth_bytes_max: u32::try_from(
+                codec::limits::PREAMBLE_BYTES + codec::limits::HEADER_BYTES_MAX,
+            )
+            .unwrap_or(u32::MAX),
+            unauthenticated_per_core_max: 10_000,
             unauthenticated_per_source_max: 256,
             handshakes_per_core_per_second_max: 2_000,
         }

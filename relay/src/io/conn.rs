@@ -534,7 +534,9 @@ async fn read_loop(worker: &Worker, conn: &Conn) {
         if peer_closed {
             return;
         }
-        if read == buf.len() && buf.len() < READ_BUFFER_BYTES {
+        // An unauthenticated client keeps the smallest buffer: what it can make the relay
+        // hold stays small (it sends at most a Hello anyway).
+        if read == buf.len() && buf.len() < READ_BUFFER_BYTES && !conn.is_unauthenticated() {
             buf = vec![0u8; buf.len() * 2];
         }
         // Back-pressure: stop reading while this client has too much waiting to be written.
