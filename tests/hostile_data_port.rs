@@ -78,7 +78,7 @@ async fn a_silent_tcp_connection_is_closed_at_the_handshake_deadline() {
     let limits = RelayLimits {
         connections_per_core_max: 20,
         unauthenticated_per_core_max: 8,
-        tls_handshake_timeout_ms: 1_000,
+        tls_handshake_timeout_ms: 2_000,
         ..RelayLimits::default()
     };
     let mut relay = TestRelay::start_with("hostile_slow_handshake", limits);
@@ -118,7 +118,7 @@ async fn a_silent_tcp_connection_is_closed_at_the_handshake_deadline() {
 #[tokio::test]
 async fn a_tls_session_without_hello_is_closed_at_the_hello_deadline() {
     let limits = RelayLimits {
-        hello_timeout_ms: 500,
+        hello_timeout_ms: 1_000,
         ..RelayLimits::default()
     };
     let mut relay = TestRelay::start_with("hostile_no_hello", limits);
@@ -207,7 +207,7 @@ async fn a_large_frame_before_authentication_is_refused_as_announced() {
 #[tokio::test]
 async fn a_silent_session_is_closed_at_the_idle_deadline_and_keepalive_holds_one_open() {
     let limits = RelayLimits {
-        idle_timeout_ms: 1_000,
+        idle_timeout_ms: 2_000,
         ..RelayLimits::default()
     };
     let mut relay = TestRelay::start_with("hostile_idle", limits);
@@ -240,8 +240,9 @@ async fn a_silent_session_is_closed_at_the_idle_deadline_and_keepalive_holds_one
     let mut partner = common::Session::new("partner", keepalive(PARTNER).await.expect("p"));
     let p_user = user(PARTNER, 0x2002);
     partner.declare(p_user, &[1]).await;
-    // Three idle deadlines with nothing to say: reading answers the relay's requests.
-    let quiet = Duration::from_millis(3_000);
+    // Two and a half idle deadlines with nothing to say: reading answers the relay's
+    // requests.
+    let quiet = Duration::from_millis(5_000);
     let (a, b) = tokio::join!(
         tokio::time::timeout(quiet, gk.try_event()),
         tokio::time::timeout(quiet, partner.try_event())
@@ -417,7 +418,7 @@ async fn one_source_holds_a_bounded_number_of_unauthenticated_connections() {
 async fn a_device_session_ends_when_its_token_expires() {
     let mut relay = TestRelay::start("hostile_token_expiry");
     let me = device(PARTNER, 0x2011, 1);
-    let token = relay.token_signed(&relay.token_key(PARTNER), me, common::now_ms() + 1_500);
+    let token = relay.token_signed(&relay.token_key(PARTNER), me, common::now_ms() + 3_000);
     let options = relay
         .options(relay.tls(None), client::Role::Device)
         .token(token);
