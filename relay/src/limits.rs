@@ -18,9 +18,14 @@ pub const INBOX_BATCHES_PER_TURN: usize = 16;
 /// out when its device comes back), not a client that does not read.
 pub const SLOW_CONSUMER_AFTER: Duration = Duration::from_secs(1);
 
-/// How long a new connection has to finish the TLS handshake and send `Hello`; past it the
-/// session is closed with `HELLO_REQUIRED`. The deadline's place is the session's timer.
+/// How long a session has to send `Hello` once TLS is up, unless `hello_timeout_ms` says
+/// otherwise (the default of that key, and what `Session::new` uses); past it the session is
+/// closed with `HELLO_REQUIRED`. The deadline's place is the session's timer.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const _: () = assert!(
+    HELLO_TIMEOUT.as_millis() == 10_000,
+    "hello_timeout_ms defaults to HELLO_TIMEOUT"
+);
 
 /// How long the control plane waits for a core to take a change before it gives up (and the
 /// change is not applied), and then for the change's log record to be stored.
@@ -116,7 +121,7 @@ impl Default for RelayLimits {
             shard_ram_bytes_max: 256 << 20,
 
             tls_handshake_timeout_ms: 10_000,
-            hello_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000, // HELLO_TIMEOUT
             idle_timeout_ms: 120_000,
             write_timeout_ms: 30_000,
             // The largest Hello: an unauthenticated client needs no more.
