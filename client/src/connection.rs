@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use codec::{
     Ack, AckStatus, DeviceAddress, DeviceList, DeviceToken, Encode, Envelope, ErrorCode,
-    ErrorFrame, Frame, FrameDecoder, FrameKind, HeaderRef, Hello, MessageId, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, Receipt, Role, Signal, Welcome,
+    ErrorFrame, Frame, FrameDecoder, FrameKind, HeaderRef, Hello, KeepAlive, MessageId,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Receipt, Role, Signal, Welcome,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -54,7 +54,7 @@ pub struct ConnectOptions {
     pub token: Option<DeviceToken>,
     /// Client software and version, at most `AGENT_BYTES_MAX` (64) bytes.
     pub agent: String,
-    /// Optional features to ask for (none are defined in protocol v1).
+    /// Optional features to ask for (`codec::features`; the relay enables those it has).
     pub features: u64,
     /// The protocol versions to offer; default: every version this SDK speaks.
     pub version_min: u16,
@@ -310,8 +310,24 @@ impl Connection {
 
     /// See [`Receiver::next_event`]. Buffered frames are not flushed first: call
     /// [`flush`](Connection::flush) before waiting for their answers.
+    ///
+    /// The relay's `KeepAlive` requests (sessions that asked for
+    /// [`codec::features::KEEPALIVE`]) are answered here, and not returned; replies to our
+    /// own are returned as [`Event::KeepAlive`]. Not cancel-safe while an answer is written.
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
-        self.receiver.next_event().await
+        loop {
+            match self.receiver.next_event().await? {
+                Event::KeepAlive(KeepAlive {
+                    nonce,
+                    reply: false,
+                }) => {
+                    let answer = KeepAlive { nonce, reply: true };
+                    self.sender.send_frame(&answer, &[]).await?;
+                    self.sender.flush().await?;
+                }
+                event => return Ok(event),
+            }
+        }
     }
 
     /// See [`Sender::close`].

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use codec::{
-    Ack, DeviceAddress, Envelope, ErrorCode, ErrorFrame, Frame, FrameKind, HeaderRef, MessageId,
-    Notice, Receipt, Signal, delivery_flags,
+    Ack, DeviceAddress, Envelope, ErrorCode, ErrorFrame, Frame, FrameKind, HeaderRef, KeepAlive,
+    MessageId, Notice, Receipt, Signal, delivery_flags,
 };
 use rkyv::rancor;
 
@@ -31,6 +31,10 @@ pub enum Event {
     Error(ErrorFrame),
     /// A message from the relay's operator.
     Notice(Notice),
+    /// A `KeepAlive` (sessions with `features::KEEPALIVE`): a reply to ours, or, through
+    /// [`Receiver::next_event`](crate::Receiver::next_event) only, the relay's request, which
+    /// the caller answers with the same nonce and `reply: true`.
+    KeepAlive(KeepAlive),
     /// The relay ended the session cleanly (TLS `close_notify`, then end of stream).
     Closed,
 }
@@ -110,6 +114,10 @@ pub(crate) fn event_from_frame(frame: &Frame) -> Result<Event, ClientError> {
         HeaderRef::Ack(ack) => Ok(Event::Ack(owned(ack, FrameKind::Ack)?)),
         HeaderRef::Error(error) => Ok(Event::Error(owned(error, FrameKind::Error)?)),
         HeaderRef::Notice(notice) => Ok(Event::Notice(owned(notice, FrameKind::Notice)?)),
+        HeaderRef::KeepAlive(keep_alive) => Ok(Event::KeepAlive(KeepAlive {
+            nonce: keep_alive.nonce.to_native(),
+            reply: keep_alive.reply,
+        })),
         HeaderRef::Delivery(delivery) => {
             // The codec checked the inner frame's preamble; decode it whole, as its own frame
             // sharing this buffer.

@@ -64,6 +64,6 @@ pub use token::{generate_network_key, mint_device_token, network_public_key, ver
 // The types every caller needs, so simple uses need no direct `codec` dependency.
 pub use codec::{
     Ack, AckStatus, ContentType, DeviceAddress, DeviceId, DeviceList, DeviceSelection, DeviceToken,
-    E2eProtocol, Envelope, ErrorCode, ErrorFrame, MessageId, NetworkId, Notice, Receipt,
-    ReceiptKind, Role, Signal, SignalKind, UserAddress, UserId, Welcome,
+    E2eProtocol, Envelope, ErrorCode, ErrorFrame, KeepAlive, MessageId, NetworkId, Notice, Receipt,
+    ReceiptKind, Role, Signal, SignalKind, UserAddress, UserId, Welcome, features,
 };

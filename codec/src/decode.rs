@@ -18,9 +18,9 @@ use rkyv::rancor::Failure;
 use crate::error::CodecError;
 use crate::frame::{
     Ack, ArchivedAck, ArchivedDelivery, ArchivedDeviceList, ArchivedEnvelope, ArchivedErrorFrame,
-    ArchivedHello, ArchivedNotice, ArchivedReceipt, ArchivedSignal, ArchivedWelcome, Delivery,
-    DeviceList, Envelope, ErrorFrame, FrameHeader, FrameKind, Hello, Notice, Receipt, Signal,
-    Welcome, check_payload_len,
+    ArchivedHello, ArchivedKeepAlive, ArchivedNotice, ArchivedReceipt, ArchivedSignal,
+    ArchivedWelcome, Delivery, DeviceList, Envelope, ErrorFrame, FrameHeader, FrameKind, Hello,
+    KeepAlive, Notice, Receipt, Signal, Welcome, check_payload_len,
 };
 use crate::limits::{FRAME_BYTES_MAX, HEADER_BYTES_MAX, LENGTH_PREFIX_BYTES, PREAMBLE_BYTES};
 use crate::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
@@ -41,6 +41,7 @@ pub enum HeaderRef<'a> {
     Notice(&'a ArchivedNotice),
     Delivery(&'a ArchivedDelivery),
     DeviceList(&'a ArchivedDeviceList),
+    KeepAlive(&'a ArchivedKeepAlive),
 }
 
 /// One decoded frame: its wire version, its validated header and its payload bytes.
@@ -73,6 +74,7 @@ impl HeaderRef<'_> {
             HeaderRef::Notice(_) => FrameKind::Notice,
             HeaderRef::Delivery(_) => FrameKind::Delivery,
             HeaderRef::DeviceList(_) => FrameKind::DeviceList,
+            HeaderRef::KeepAlive(_) => FrameKind::KeepAlive,
         }
     }
 }
@@ -189,6 +191,7 @@ pub fn decode_raw(raw: RawFrame<'_>) -> Result<FrameRef<'_>, CodecError> {
             HeaderRef::Delivery(delivery)
         }
         FrameKind::DeviceList => HeaderRef::DeviceList(access::<DeviceList>(bytes)?),
+        FrameKind::KeepAlive => HeaderRef::KeepAlive(access::<KeepAlive>(bytes)?),
     };
     Ok(FrameRef {
         version: raw.version,

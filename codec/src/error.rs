@@ -101,6 +101,13 @@ error_codes! {
     SenderNotAllowed = 209, "SENDER_NOT_ALLOWED", retryable: false;
     /// The frame kind is not valid in this direction or state (e.g. `Welcome` from a client).
     UnexpectedFrame = 210, "UNEXPECTED_FRAME", retryable: false;
+    /// The TLS handshake did not finish within the relay's deadline (the connection is
+    /// closed without a frame: there is no TLS session to carry one).
+    HandshakeTimeout = 211, "HANDSHAKE_TIMEOUT", retryable: false;
+    /// The session sent nothing for the relay's idle deadline (a dead or half-open peer).
+    IdleTimeout = 212, "IDLE_TIMEOUT", retryable: false;
+    /// Before authentication, a frame larger than the relay buffers for an unknown peer.
+    PreauthLimit = 213, "PREAUTH_LIMIT", retryable: false;
 
     /// The recipient user is unknown to the relay.
     RecipientUnknown = 300, "RECIPIENT_UNKNOWN", retryable: false;
@@ -140,6 +147,18 @@ error_codes! {
     RateLimited = 401, "RATE_LIMITED", retryable: true;
     /// The session has too many frames awaiting an `Ack`.
     InFlightLimit = 402, "IN_FLIGHT_LIMIT", retryable: true;
+    /// The client left the relay's bytes untaken past the write deadline: it is closed, its
+    /// deliveries stay queued.
+    WriteTimeout = 403, "WRITE_TIMEOUT", retryable: true;
+    /// The core started as many TLS handshakes this second as it allows; the connection was
+    /// closed at accept (no frame: TLS is not up).
+    HandshakeRateLimited = 404, "HANDSHAKE_RATE_LIMITED", retryable: true;
+    /// The source address has as many unauthenticated connections open as it may; closed at
+    /// accept (no frame).
+    SourceConnectionLimit = 405, "SOURCE_CONNECTION_LIMIT", retryable: true;
+    /// The core's unauthenticated connections were at their cap: the oldest was closed to
+    /// make room for a newer one (no frame if TLS was not up yet).
+    UnauthenticatedEvicted = 406, "UNAUTHENTICATED_EVICTED", retryable: true;
     /// The network's device-set changes are over its rate (`device_set_changes_per_s`);
     /// retry after the hinted delay.
     DeviceSetRateLimited = 410, "DEVICE_SET_RATE_LIMITED", retryable: true;

@@ -30,10 +30,11 @@ pub enum FrameKind {
     Notice = 8,
     Delivery = 9,
     DeviceList = 10,
+    KeepAlive = 11,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 10] = [
+    pub const ALL: [FrameKind; 11] = [
         FrameKind::Hello,
         FrameKind::Welcome,
         FrameKind::Envelope,
@@ -44,6 +45,7 @@ impl FrameKind {
         FrameKind::Notice,
         FrameKind::Delivery,
         FrameKind::DeviceList,
+        FrameKind::KeepAlive,
     ];
 
     pub const fn from_u8(value: u8) -> Option<FrameKind> {
@@ -58,6 +60,7 @@ impl FrameKind {
             8 => Some(FrameKind::Notice),
             9 => Some(FrameKind::Delivery),
             10 => Some(FrameKind::DeviceList),
+            11 => Some(FrameKind::KeepAlive),
             _ => None,
         }
     }
@@ -383,6 +386,26 @@ pub struct Signal {
     pub timestamp_ms: u64,
 }
 
+/// Bits of `Hello::features` and `Welcome::features`: optional parts of protocol v1 that a
+/// client asks for and the relay enables.
+pub mod features {
+    /// `KeepAlive` frames (kind 11) in both directions: the relay asks a session that has
+    /// been silent for half its idle deadline, and answers a client's.
+    pub const KEEPALIVE: u64 = 1 << 0;
+    /// Every feature this codec knows.
+    pub const ALL: u64 = KEEPALIVE;
+}
+
+/// A liveness probe, either direction, for sessions that enabled `features::KEEPALIVE`: the
+/// receiver of one with `reply` false answers with the same `nonce` and `reply` true; a
+/// reply is never answered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct KeepAlive {
+    pub nonce: u64,
+    pub reply: bool,
+}
+
 /// A session-level error: a refused frame, or the reason the session ends.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -639,6 +662,16 @@ impl FrameHeader for Signal {
         Ok(())
     }
     fn check_archived(_: &ArchivedSignal) -> Result<(), CodecError> {
+        Ok(())
+    }
+}
+
+impl FrameHeader for KeepAlive {
+    const KIND: FrameKind = FrameKind::KeepAlive;
+    fn check(&self) -> Result<(), CodecError> {
+        Ok(())
+    }
+    fn check_archived(_: &ArchivedKeepAlive) -> Result<(), CodecError> {
         Ok(())
     }
 }

@@ -59,6 +59,7 @@ fn check_reencodes(frame: &FrameRef<'_>) {
         HeaderRef::Notice(a) => roundtrip::<crate::Notice>(a, frame.payload),
         HeaderRef::Delivery(a) => roundtrip::<crate::Delivery>(a, frame.payload),
         HeaderRef::DeviceList(a) => roundtrip::<crate::DeviceList>(a, frame.payload),
+        HeaderRef::KeepAlive(a) => roundtrip::<crate::KeepAlive>(a, frame.payload),
     }
 }
 

@@ -148,7 +148,7 @@ fn header_length_past_its_limit_or_the_frame() {
 #[test]
 fn unknown_kinds_and_versions() {
     let header = archive(&signal());
-    for kind in [0u8, 11, 200, 255] {
+    for kind in [0u8, 12, 200, 255] {
         assert_eq!(
             code(decode(&raw_frame(kind, 1, &header, &[]))),
             ErrorCode::UnknownKind,
@@ -518,6 +518,9 @@ fn error_codes_are_stable_and_unique() {
         ("TOKEN_REPLAYED", 208),
         ("SENDER_NOT_ALLOWED", 209),
         ("UNEXPECTED_FRAME", 210),
+        ("HANDSHAKE_TIMEOUT", 211),
+        ("IDLE_TIMEOUT", 212),
+        ("PREAUTH_LIMIT", 213),
         ("RECIPIENT_UNKNOWN", 300),
         ("DEVICE_LIST_STALE", 301),
         ("NETWORK_UNKNOWN", 302),
@@ -535,6 +538,10 @@ fn error_codes_are_stable_and_unique() {
         ("QUEUE_FULL", 400),
         ("RATE_LIMITED", 401),
         ("IN_FLIGHT_LIMIT", 402),
+        ("WRITE_TIMEOUT", 403),
+        ("HANDSHAKE_RATE_LIMITED", 404),
+        ("SOURCE_CONNECTION_LIMIT", 405),
+        ("UNAUTHENTICATED_EVICTED", 406),
         ("DEVICE_SET_RATE_LIMITED", 410),
         ("SHARD_USER_LIMIT", 411),
         ("RATE_TABLE_FULL", 412),

@@ -36,6 +36,7 @@ fn root_sizes_and_field_offsets() {
     layout!(ArchivedNotice, size 56, notice_id @ 0, kind @ 16, audience @ 17, effective_at_ms @ 38, code @ 46, text @ 48);
     layout!(ArchivedDelivery, size 33, device @ 0, seq @ 24, flags @ 32);
     layout!(ArchivedDeviceList, size 44, request_id @ 0, user @ 16, devices @ 36);
+    layout!(ArchivedKeepAlive, size 9, nonce @ 0, reply @ 8);
     assert_eq!(size_of::<ArchivedDeviceSelection>(), 9);
     assert_eq!(size_of::<ArchivedAckStatus>(), 15);
     assert_eq!(size_of::<ArchivedE2eProtocol>(), 3);

@@ -157,7 +157,7 @@ fn limit_violations(frame: &FrameRef<'_>, frame_len: usize) -> Vec<String> {
             one_to(r.message_ids.len() as u64, RECEIPT_IDS_MAX),
             format!("receipt.message_ids lists {}", r.message_ids.len()),
         ),
-        HeaderRef::Signal(_) => {}
+        HeaderRef::Signal(_) | HeaderRef::KeepAlive(_) => {}
         HeaderRef::Error(e) => check(
             e.reason.len() <= ERROR_REASON_BYTES_MAX,
             format!("error.reason of {} bytes", e.reason.len()),
@@ -257,6 +257,13 @@ roundtrip!(
     any_device_list(),
     DeviceList,
     DeviceList,
+    no_payload()
+);
+roundtrip!(
+    keep_alive_roundtrips,
+    any_keep_alive(),
+    KeepAlive,
+    KeepAlive,
     no_payload()
 );
 roundtrip!(

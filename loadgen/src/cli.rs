@@ -47,6 +47,34 @@ pub enum Command {
         #[arg(required = true)]
         reports: Vec<String>,
     },
+    /// The data port against a hostile crowd: spawn a relay, open --idle unauthenticated
+    /// connections each pushing --push bytes of an unfinished Hello (the relay's memory per
+    /// connection at its worst), then a TLS handshake flood at --flood-rate while a
+    /// legitimate partner connects and delivers --rounds times (timed). Raises the open-file
+    /// limit as needed. Prints JSON.
+    Hostile {
+        #[arg(long, default_value_t = 10_000)]
+        idle: u32,
+        /// Bytes of the unfinished Hello each idle connection sends (the relay's
+        /// preauth_bytes_max, 8200 by default, is the worst case).
+        #[arg(long, default_value_t = 8_200)]
+        push: u32,
+        /// TLS handshakes per second from other addresses while the partner is timed.
+        #[arg(long, default_value_t = 1_000)]
+        flood_rate: u32,
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        #[arg(long, value_name = "PATH")]
+        relay_bin: Option<PathBuf>,
+        #[arg(long, value_name = "N")]
+        relay_cores: Option<u16>,
+        /// A `[limits]` line for the spawned relay, KEY=VALUE (repeatable). By default the
+        /// crowd is held past the relay's handshake and Hello deadlines (600 s each).
+        #[arg(long = "relay-limit", value_name = "KEY=VALUE")]
+        relay_limit: Vec<String>,
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Compare the live kernel's sysctl values with a tuning profile (throughput,
     /// connections, latency, or a sysctl.d file). Exit 1 when some differ.
     TuneCheck {

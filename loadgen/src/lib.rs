@@ -15,12 +15,13 @@
 //! against), [`sessions`] (what both targets share: session tasks, offline devices' comeback),
 //! [`relay_target`] (client-SDK sessions), [`enlist`] (the population's enlistment through
 //! the relay's control API), [`mqtt`] (the broker driver), [`scale`] (idle connections),
-//! [`spawn`] (a relay process), [`pki`] (identities and relay config), [`scenario`] (the
+//! [`spawn`] (a relay process), [`hostile`] (a hostile crowd against the data port), [`pki`] (identities and relay config), [`scenario`] (the
 //! phases of a run), [`run`] (the whole run, from the checked command line ([`cli`]) to the
 //! reports).
 
 pub mod cli;
 pub mod enlist;
+pub mod hostile;
 pub mod html;
 pub mod ledger;
 pub mod machine;

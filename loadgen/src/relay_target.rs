@@ -595,7 +595,8 @@ async fn reader(ctx: Arc<Ctx>, slot: PhaseSlot, mut receiver: Receiver, tx: Conn
                     // The relay closes next; the reader sees Closed.
                 }
             }
-            Event::Notice(_) => {}
+            // Loadgen asks for no feature, so the relay sends it no KeepAlive.
+            Event::Notice(_) | Event::KeepAlive(_) => {}
             Event::Closed => break,
         }
         if receiver.buffered_len() == 0 || out.len() >= READER_BATCH_MAX {

@@ -65,6 +65,34 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_SETUP)
             }
         },
+        Some(Command::Hostile {
+            idle,
+            push,
+            flood_rate,
+            rounds,
+            relay_bin,
+            relay_cores,
+            relay_limit,
+            json,
+        }) => {
+            let args = crate::hostile::HostileArgs {
+                idle,
+                push,
+                flood_rate,
+                rounds,
+                relay_bin,
+                relay_cores,
+                relay_limits: relay_limit,
+                json,
+            };
+            match crate::hostile::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("loadgen hostile: {e}");
+                    ExitCode::from(EXIT_SETUP)
+                }
+            }
+        }
         Some(Command::Compare { reports }) => {
             let mut loaded = Vec::new();
             for arg in &reports {

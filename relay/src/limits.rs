@@ -18,9 +18,14 @@ pub const INBOX_BATCHES_PER_TURN: usize = 16;
 /// out when its device comes back), not a client that does not read.
 pub const SLOW_CONSUMER_AFTER: Duration = Duration::from_secs(1);
 
-/// How long a new connection has to finish the TLS handshake and send `Hello`; past it the
-/// session is closed with `HELLO_REQUIRED`. The deadline's place is the session's timer.
+/// How long a session has to send `Hello` once TLS is up, unless `hello_timeout_ms` says
+/// otherwise (the default of that key, and what `Session::new` uses); past it the session is
+/// closed with `HELLO_REQUIRED`. The deadline's place is the session's timer.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const _: () = assert!(
+    HELLO_TIMEOUT.as_millis() == 10_000,
+    "hello_timeout_ms defaults to HELLO_TIMEOUT"
+);
 
 /// How long the control plane waits for a core to take a change before it gives up (and the
 /// change is not applied), and then for the change's log record to be stored.
@@ -84,6 +89,32 @@ pub struct RelayLimits {
     /// device session is refused with `TOKEN_JOURNAL_BUSY` rather than welcomed with a token
     /// a restart could forget.
     pub token_journal_pending_max: u32,
+    // The data port against a hostile internet: deadlines and admission (docs/operations.md,
+    // "The data port's deadlines and admission").
+    /// How long a new connection has to finish its TLS handshake; past it, it is closed
+    /// (`HANDSHAKE_TIMEOUT`, counted; no frame can be sent without TLS).
+    pub tls_handshake_timeout_ms: u32,
+    /// How long a connection has, once TLS is up, to send `Hello`; past it, `HELLO_REQUIRED`.
+    pub hello_timeout_ms: u32,
+    /// How long an established session may send nothing; past it, `IDLE_TIMEOUT`. The relay
+    /// sends a `KeepAlive` to sessions that enabled the feature after half of it.
+    pub idle_timeout_ms: u32,
+    /// How long a client may leave the relay's bytes untaken (no progress on a write);
+    /// past it, `WRITE_TIMEOUT`.
+    pub write_timeout_ms: u32,
+    /// Plaintext bytes the relay buffers for a client before it is authenticated: a frame
+    /// announced larger than this before `Hello` is accepted ends the session
+    /// (`PREAUTH_LIMIT`).
+    pub preauth_bytes_max: u32,
+    /// Connections one core keeps that have not authenticated; the rest of
+    /// `connections_per_core_max` is reserved for authenticated sessions. At the cap, the
+    /// oldest unauthenticated connection is closed to make room.
+    pub unauthenticated_per_core_max: u32,
+    /// Unauthenticated connections from one source address (an IPv6 /64), all cores together.
+    pub unauthenticated_per_source_max: u32,
+    /// TLS handshakes one core starts per second (a token bucket holding one second's
+    /// worth); connections past it are closed at once.
+    pub handshakes_per_core_per_second_max: u32,
 }
 
 impl Default for RelayLimits {
@@ -110,6 +141,19 @@ impl Default for RelayLimits {
             network_device_set_changes_per_s: 10_000,
             shard_users_max: 2_000_000,
             token_journal_pending_max: 65_536,
+
+            tls_handshake_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000, // HELLO_TIMEOUT
+            idle_timeout_ms: 120_000,
+            write_timeout_ms: 30_000,
+            // The largest Hello: an unauthenticated client needs no more.
+            preauth_bytes_max: u32::try_from(
+                codec::limits::PREAMBLE_BYTES + codec::limits::HEADER_BYTES_MAX,
+            )
+            .unwrap_or(u32::MAX),
+            unauthenticated_per_core_max: 10_000,
+            unauthenticated_per_source_max: 256,
+            handshakes_per_core_per_second_max: 2_000,
         }
     }
 }
@@ -192,7 +236,8 @@ impl RelayLimits {
                 return Err(format!("{key}: {why}"));
             }
         }
-        self.validate_caps()
+        self.validate_caps()?;
+        self.validate_data_port()
     }
 
     /// The caps per network and per shard.
@@ -210,6 +255,50 @@ impl RelayLimits {
         }
         if self.token_journal_pending_max == 0 {
             return Err("limits.token_journal_pending_max: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The data port's deadlines and admission bounds.
+    fn validate_data_port(&self) -> Result<(), String> {
+        let hello_bytes = codec::limits::PREAMBLE_BYTES + codec::limits::HEADER_BYTES_MAX;
+        let checks: [(&str, bool, String); 6] = [
+            (
+                "limits.tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms >= 1 && self.hello_timeout_ms >= 1,
+                "tls_handshake_timeout_ms and hello_timeout_ms must be at least 1".into(),
+            ),
+            (
+                "limits.idle_timeout_ms",
+                self.idle_timeout_ms >= 2,
+                "must be at least 2 (a keep-alive goes out after half of it)".into(),
+            ),
+            (
+                "limits.write_timeout_ms",
+                self.write_timeout_ms >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "limits.preauth_bytes_max",
+                self.preauth_bytes_max as usize >= hello_bytes,
+                format!("must hold the largest Hello ({hello_bytes} bytes)"),
+            ),
+            (
+                "limits.unauthenticated_per_core_max",
+                (1..=self.connections_per_core_max).contains(&self.unauthenticated_per_core_max),
+                "must be 1 to connections_per_core_max".into(),
+            ),
+            (
+                "limits.unauthenticated_per_source_max",
+                self.unauthenticated_per_source_max >= 1
+                    && self.handshakes_per_core_per_second_max >= 1,
+                "unauthenticated_per_source_max and handshakes_per_core_per_second_max must be at least 1".into(),
+            ),
+        ];
+        for (key, ok, why) in checks {
+            if !ok {
+                return Err(format!("{key}: {why}"));
+            }
         }
         Ok(())
     }

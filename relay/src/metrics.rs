@@ -38,8 +38,10 @@ pub struct CoreMetrics {
     /// Cross-network frames checked against the interop rules, and refused by them.
     pub policy_checked: AtomicU64,
     pub policy_refused: AtomicU64,
+    /// The data port's deadlines and admission.
+    pub port: PortMetrics,
     /// One per code of `ErrorCode::ALL` (room for the registry to grow).
-    errors: [AtomicU64; 128],
+    errors: [AtomicU64; ERROR_SLOTS],
     shard: [AtomicU64; SHARD_FIELDS],
 }
 
@@ -68,6 +70,7 @@ impl Default for CoreMetrics {
             log_rescued_frames: AtomicU64::new(0),
             policy_checked: AtomicU64::new(0),
             policy_refused: AtomicU64::new(0),
+            port: PortMetrics::default(),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             shard: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -196,9 +199,12 @@ const SHARD_NAMES: [(&str, &str, &str); SHARD_FIELDS] = [
     ),
 ];
 
+/// Slots of `CoreMetrics::errors`, one per error code (room for the codes still to come).
+const ERROR_SLOTS: usize = 128;
+
 const _: () = assert!(
-    ErrorCode::ALL.len() <= 64,
-    "CoreMetrics::errors has 64 slots"
+    ErrorCode::ALL.len() <= ERROR_SLOTS,
+    "CoreMetrics::errors has a slot per code"
 );
 
 /// Connections open, by kind (server or device) and network.
@@ -360,6 +366,7 @@ pub fn render(
             );
         }
     }
+    render_port(&mut out, cores);
     let _ = writeln!(
         out,
         "# HELP relay_errors_total Errors sent to clients, by code.\n# TYPE relay_errors_total counter"
@@ -505,4 +512,131 @@ pub fn render_token_journal(out: &mut String, journal: &crate::io::tokens::Journ
         "# HELP relay_token_journal_files Token journal files on disk\n# TYPE relay_token_journal_files gauge\nrelay_token_journal_files {}",
         value(&journal.files)
     );
+}
+
+/// Why a connection was refused at accept, before its TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptRefusal {
+    /// `handshakes_per_core_per_second_max`.
+    HandshakeRate,
+    /// `unauthenticated_per_source_max`.
+    Source,
+    /// `connections_per_core_max`.
+    ConnectionsFull,
+}
+
+impl AcceptRefusal {
+    pub const ALL: [AcceptRefusal; 3] = [
+        AcceptRefusal::HandshakeRate,
+        AcceptRefusal::Source,
+        AcceptRefusal::ConnectionsFull,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            AcceptRefusal::HandshakeRate => "handshake_rate",
+            AcceptRefusal::Source => "source",
+            AcceptRefusal::ConnectionsFull => "connections_full",
+        }
+    }
+}
+
+/// The data port's deadlines and admission, per core.
+#[derive(Debug, Default)]
+pub struct PortMetrics {
+    /// Sessions closed at a deadline, by `Deadline` (handshake, hello, idle, token expiry).
+    deadline_closes: [AtomicU64; 4],
+    /// Connections closed at the write deadline (`WRITE_TIMEOUT`).
+    pub write_deadline_closes: AtomicU64,
+    /// Connections refused at accept, by `AcceptRefusal`.
+    refused: [AtomicU64; 3],
+    /// Unauthenticated connections closed to make room for newer ones.
+    pub evicted: AtomicU64,
+    /// Unauthenticated connections open now.
+    pub unauthenticated: AtomicU64,
+    /// `KeepAlive` requests sent to quiet sessions.
+    pub keepalives_sent: AtomicU64,
+}
+
+impl PortMetrics {
+    pub fn deadline(&self, deadline: crate::core::session::Deadline) {
+        if let Some(i) = crate::core::session::Deadline::ALL
+            .iter()
+            .position(|d| *d == deadline)
+        {
+            self.deadline_closes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn refused(&self, why: AcceptRefusal) {
+        if let Some(i) = AcceptRefusal::ALL.iter().position(|r| *r == why) {
+            self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Renders the data port's figures (docs/operations.md, metrics).
+fn render_port(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
+    use crate::core::session::Deadline;
+    let _ = writeln!(
+        out,
+        "# HELP relay_deadline_closes_total Connections closed at a deadline of the data port.\n# TYPE relay_deadline_closes_total counter"
+    );
+    for (core, m) in cores.iter().enumerate() {
+        for (i, deadline) in Deadline::ALL.iter().enumerate() {
+            let value = m.port.deadline_closes[i].load(Ordering::Relaxed);
+            let name = deadline.name();
+            let _ = writeln!(
+                out,
+                "relay_deadline_closes_total{{core=\"{core}\",deadline=\"{name}\"}} {value}"
+            );
+        }
+        let value = m.port.write_deadline_closes.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "relay_deadline_closes_total{{core=\"{core}\",deadline=\"write\"}} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_accept_refused_total Connections closed at accept, before TLS, by reason.\n# TYPE relay_accept_refused_total counter"
+    );
+    for (core, m) in cores.iter().enumerate() {
+        for (i, why) in AcceptRefusal::ALL.iter().enumerate() {
+            let value = m.port.refused[i].load(Ordering::Relaxed);
+            let reason = why.name();
+            let _ = writeln!(
+                out,
+                "relay_accept_refused_total{{core=\"{core}\",reason=\"{reason}\"}} {value}"
+            );
+        }
+    }
+    type Field = fn(&PortMetrics) -> &AtomicU64;
+    let simple: [(&str, &str, &str, Field); 3] = [
+        (
+            "relay_unauthenticated_evicted_total",
+            "counter",
+            "Unauthenticated connections closed to make room for newer ones",
+            |p| &p.evicted,
+        ),
+        (
+            "relay_connections_unauthenticated",
+            "gauge",
+            "Connections open that have not authenticated",
+            |p| &p.unauthenticated,
+        ),
+        (
+            "relay_keepalives_sent_total",
+            "counter",
+            "KeepAlive requests sent to quiet sessions",
+            |p| &p.keepalives_sent,
+        ),
+    ];
+    for (name, kind, help, field) in simple {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
+        for (core, m) in cores.iter().enumerate() {
+            let value = field(&m.port).load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{core=\"{core}\"}} {value}");
+        }
+    }
 }

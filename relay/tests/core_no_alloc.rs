@@ -217,6 +217,8 @@ impl Harness {
                 SessionEvent::Contact(contact) => self.policy.record_contact(contact),
                 SessionEvent::Refused(code) => panic!("refused: {code}"),
                 SessionEvent::Close => panic!("session closed"),
+                SessionEvent::DeadlinePassed(deadline) => panic!("deadline passed: {deadline:?}"),
+                SessionEvent::KeepAliveSent => panic!("asked for a KeepAlive"),
             }
         }
         self.drain_shard();

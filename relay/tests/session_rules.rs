@@ -184,9 +184,86 @@ fn the_hello_deadline_closes_a_silent_session() {
     assert!(events.iter().any(|e| matches!(e, SessionEvent::Close)));
     assert_eq!(silent.poll_timeout(), None);
 
+    // Once established, what is left is the idle deadline, which the Hello's arrival started.
     let mut greeted = Session::new(CONN, 2, 0);
     world.feed(&mut greeted, &hello(), &[]);
-    assert_eq!(greeted.poll_timeout(), None);
+    let idle = u64::from(RelayLimits::default().idle_timeout_ms);
+    assert_eq!(greeted.poll_timeout(), Some(1_000 + idle));
     greeted.handle_timeout(deadline * 2);
     assert!(!greeted.is_closed());
+}
+
+/// A session that enabled `KEEPALIVE` is asked after half its idle deadline and closed with
+/// `IDLE_TIMEOUT` at the deadline if it says nothing; any frame (a `KeepAlive` reply) moves
+/// the deadline. Before authentication every malformed frame is fatal: one error, no more.
+#[test]
+fn keepalive_and_the_idle_deadline() {
+    let world = World::new(16);
+    let idle = u64::from(RelayLimits::default().idle_timeout_ms);
+    let mut session = Session::new(CONN, 3, 0);
+    let (kinds, _) = world.feed(
+        &mut session,
+        &Hello {
+            features: features::KEEPALIVE,
+            ..hello()
+        },
+        &[],
+    );
+    assert_eq!(kinds, [FrameKind::Welcome]);
+    // Asked at half the deadline, once.
+    assert_eq!(session.poll_timeout(), Some(1_000 + idle / 2));
+    session.handle_timeout(1_000 + idle / 2);
+    let (kinds, events) = drain(&mut session);
+    assert_eq!(kinds, [FrameKind::KeepAlive]);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::KeepAliveSent))
+    );
+    assert_eq!(session.poll_timeout(), Some(1_000 + idle));
+    // The reply (fed at t = 1 000, the harness's clock) restarts the deadline's clock; the
+    // relay answers a client's request with the same nonce.
+    world.feed(
+        &mut session,
+        &KeepAlive {
+            nonce: 7,
+            reply: true,
+        },
+        &[],
+    );
+    let (kinds, _) = world.feed(
+        &mut session,
+        &KeepAlive {
+            nonce: 8,
+            reply: false,
+        },
+        &[],
+    );
+    assert_eq!(kinds, [FrameKind::KeepAlive]);
+    session.handle_timeout(1_000 + idle - 1);
+    assert!(!session.is_closed());
+    drain(&mut session);
+    session.handle_timeout(1_000 + idle);
+    assert!(session.is_closed());
+    let (kinds, events) = drain(&mut session);
+    assert_eq!(kinds, [FrameKind::Error]);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::Refused(ErrorCode::IdleTimeout)))
+    );
+
+    let mut unknown = Session::new(CONN, 4, 0);
+    unknown.handle_decode_error(CodecError::HeaderMalformed {
+        kind: FrameKind::Hello,
+    });
+    assert!(
+        unknown.is_closed(),
+        "a malformed frame before Hello is fatal"
+    );
+    unknown.handle_decode_error(CodecError::HeaderMalformed {
+        kind: FrameKind::Hello,
+    });
+    let (kinds, _) = drain(&mut unknown);
+    assert_eq!(kinds, [FrameKind::Error], "one error, no more");
 }

@@ -191,7 +191,10 @@ impl World {
                         shard.handle(self.now_ms, input.clone());
                     }
                 }
-                SessionEvent::PolicyChecked { .. } => {}
+                SessionEvent::PolicyChecked { .. } | SessionEvent::KeepAliveSent => {}
+                SessionEvent::DeadlinePassed(deadline) => {
+                    return Err(format!("{conn:?} passed its {deadline:?} deadline"));
+                }
                 SessionEvent::Contact(contact) => self.policy.record_contact(contact),
                 SessionEvent::Refused(code) => return Err(format!("{conn:?} was refused: {code}")),
                 SessionEvent::Close => return Err(format!("{conn:?} was closed")),

@@ -784,6 +784,11 @@ impl RawSession {
         self.stream.flush().await.expect("raw flush");
     }
 
+    /// Writes `bytes`; whether the relay took them all (it may close the stream first).
+    pub async fn write_quietly(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok() && self.stream.flush().await.is_ok()
+    }
+
     /// The next frame; `None` at the end of the stream (clean or not).
     pub async fn read_frame(&mut self) -> Option<Frame> {
         let reading = async {

@@ -177,6 +177,17 @@ pub fn one_of_each_kind() -> Vec<(FrameKind, Bytes)> {
             FrameKind::DeviceList,
             encode_to_bytes(&device_list(3), &[]).unwrap(),
         ),
+        (
+            FrameKind::KeepAlive,
+            encode_to_bytes(
+                &KeepAlive {
+                    nonce: 0x0123_4567_89ab_cdef,
+                    reply: false,
+                },
+                &[],
+            )
+            .unwrap(),
+        ),
     ]
 }
 
@@ -414,6 +425,10 @@ pub fn any_receipt() -> impl Strategy<Value = Receipt> {
                 timestamp_ms,
             },
         )
+}
+
+pub fn any_keep_alive() -> impl Strategy<Value = KeepAlive> {
+    (any::<u64>(), any::<bool>()).prop_map(|(nonce, reply)| KeepAlive { nonce, reply })
 }
 
 pub fn any_signal() -> impl Strategy<Value = Signal> {

@@ -15,16 +15,17 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use codec::{Delivery, FrameDecoder, FrameKind, delivery_flags, encode_head};
+use codec::{Delivery, ErrorCode, FrameDecoder, FrameKind, delivery_flags, encode_head};
 use rustls::ServerConnection;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::worker::{Connection, Worker};
+use super::worker::{Admitted, Connection, Worker};
 use crate::core::ConnId;
 use crate::core::session::{Session, SessionContext, SessionEvent};
 use crate::core::shard::interface::ShardOutput;
 use crate::limits::SLOW_CONSUMER_AFTER;
+use crate::metrics::AcceptRefusal;
 use crate::tables::auth::Principal;
 use devkit::now_ms;
 
@@ -77,13 +78,59 @@ pub struct Conn {
     drained: Notify,
     closing: Cell<bool>,
     counted: Cell<Option<Principal>>,
-    /// When the writer's write in flight started: while it waits, the socket is full.
-    write_started: Cell<Option<Instant>>,
+    /// While unauthenticated: how it was admitted (what to release when that ends).
+    unauthenticated: Cell<Option<Admitted>>,
+    /// While the writer has bytes in flight: when the client last took some (ms since the
+    /// epoch). The write deadline runs from it; the slow-consumer rule reads it too.
+    write_progress_ms: Cell<Option<u64>>,
+    /// Bytes rustls has encrypted for the client and the socket has not taken yet.
+    writing_bytes: Cell<usize>,
+    /// The earliest time a timer of this connection is scheduled for (`u64::MAX`: none).
+    timer_at: Cell<u64>,
 }
 
 impl Conn {
     fn wake_writer(&self) {
         self.writer_wake.notify_one();
+    }
+
+    /// Everything waiting for the client: frames not yet encrypted, and encrypted bytes the
+    /// socket has not taken.
+    fn pending_bytes(&self) -> usize {
+        let out = self.out.borrow();
+        out.bytes + out.scratch.len() + self.writing_bytes.get()
+    }
+
+    /// The write deadline, while the writer waits on the socket.
+    fn write_deadline_ms(&self, worker: &Worker) -> Option<u64> {
+        let timeout = u64::from(worker.shared.limits.write_timeout_ms);
+        self.write_progress_ms
+            .get()
+            .map(|since| since.saturating_add(timeout))
+    }
+
+    /// Makes sure the worker's timer calls back by the earliest of the session's deadlines
+    /// and the write deadline. Later timers already scheduled are harmless (`on_timer` looks
+    /// again), so a deadline that moves later costs nothing until it is reached.
+    fn ensure_timer(&self, worker: &Worker) {
+        let session = self.session.borrow().poll_timeout();
+        let due = [session, self.write_deadline_ms(worker)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = due
+            && at < self.timer_at.get()
+        {
+            self.timer_at.set(at);
+            worker.schedule_timer(self.id, at);
+        }
+    }
+
+    /// No longer unauthenticated (it authenticated, or it is closing).
+    fn leave_unauthenticated(&self, worker: &Worker) {
+        if let Some(admitted) = self.unauthenticated.take() {
+            worker.leave_unauthenticated(admitted);
+        }
     }
 
     /// Moves what the session wrote into the outbox and carries out what it asked for.
@@ -119,20 +166,56 @@ impl Connection for Conn {
     }
 
     fn on_timer(&self, worker: &Worker, now_ms: u64) {
+        self.timer_at.set(u64::MAX);
+        if self
+            .write_deadline_ms(worker)
+            .is_some_and(|at| at <= now_ms)
+        {
+            // The client took none of our bytes for the write deadline: whatever waits for
+            // it (in the outbox and inside TLS) is dropped with the connection; its
+            // deliveries stay queued. Shutting the socket ends the writer's write and the
+            // reader's read.
+            let metrics = worker.metrics();
+            metrics
+                .port
+                .write_deadline_closes
+                .fetch_add(1, Ordering::Relaxed);
+            metrics.error(ErrorCode::WriteTimeout);
+            self.write_progress_ms.set(None);
+            self.closing.set(true);
+            let _ = self.stream.shutdown(Shutdown::Both);
+            self.drained.notify_waiters();
+            return;
+        }
         let due = self
             .session
             .borrow()
             .poll_timeout()
             .is_some_and(|at| at <= now_ms);
-        if !due {
-            return;
+        if due {
+            self.session.borrow_mut().handle_timeout(now_ms);
+            self.pump_session(worker);
+            self.wake_writer();
+            if self.session.borrow().is_closed() {
+                // Ends the reader's pending read, which takes the session out of the shards.
+                let _ = self.stream.shutdown(Shutdown::Read);
+                return;
+            }
         }
-        self.session.borrow_mut().handle_timeout(now_ms);
+        self.ensure_timer(worker);
+    }
+
+    fn is_unauthenticated(&self) -> bool {
+        self.unauthenticated.get().is_some()
+    }
+
+    fn evict(&self, worker: &Worker) {
+        self.leave_unauthenticated(worker);
+        self.session
+            .borrow_mut()
+            .handle_relay_close(ErrorCode::UnauthenticatedEvicted);
         self.pump_session(worker);
-        if self.session.borrow().is_closed() {
-            // Ends the reader's pending read, which takes the session out of the shards.
-            let _ = self.stream.shutdown(Shutdown::Read);
-        }
+        let _ = self.stream.shutdown(Shutdown::Read);
     }
 
     /// A shard's output for this connection.
@@ -199,12 +282,14 @@ impl Connection for Conn {
         // its device comes back, is not slowness: the writer has not had its turn yet.)
         // Nothing is lost: unacknowledged deliveries stay queued and go out again when it
         // reconnects.
-        let over = out.bytes + out.scratch.len()
+        // Everything that waits for the client counts, the bytes already inside TLS too.
+        let over = out.bytes + out.scratch.len() + self.writing_bytes.get()
             > 2 * worker.shared.limits.connection_pending_bytes_max as usize;
         let stuck = || {
-            self.write_started
+            let after = u64::try_from(SLOW_CONSUMER_AFTER.as_millis()).unwrap_or(u64::MAX);
+            self.write_progress_ms
                 .get()
-                .is_some_and(|started| started.elapsed() >= SLOW_CONSUMER_AFTER)
+                .is_some_and(|since| now_ms().saturating_sub(since) >= after)
         };
         if over && stuck() {
             metrics.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
@@ -234,6 +319,7 @@ impl Conn {
             let state = tls.process_new_packets()?;
             if !self.handshake_seen.get() && !tls.is_handshaking() {
                 self.handshake_seen.set(true);
+                self.session.borrow_mut().handle_tls_established(now_ms());
                 let cert = tls
                     .peer_certificates()
                     .and_then(|c| c.first())
@@ -278,7 +364,20 @@ impl Conn {
         };
         let mut session = self.session.borrow_mut();
         let mut out = self.out.borrow_mut();
+        let preauth_max = worker.shared.limits.preauth_bytes_max;
+        if decoder.buffered_len() > 0 {
+            session.handle_input(cx.now_ms);
+        }
         loop {
+            // Before authentication a client may make the relay hold at most
+            // `preauth_bytes_max` (plus one read): a longer frame is refused as announced.
+            if !session.is_established()
+                && let Ok(Some(len)) = codec::frame_len(decoder.buffer_mut())
+                && len > preauth_max as usize
+            {
+                session.handle_preauth_overflow(len, preauth_max);
+                break;
+            }
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     metrics.frames_in.fetch_add(1, Ordering::Relaxed);
@@ -315,6 +414,7 @@ impl Conn {
         {
             self.counted.set(Some(principal));
             count_connection(worker, principal, 1);
+            self.leave_unauthenticated(worker);
         }
     }
 }
@@ -337,9 +437,14 @@ fn count_connection(worker: &Worker, principal: Principal, delta: i64) {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream, admitted: Admitted) {
     let Some((id, session_id)) = worker.reserve_slot() else {
-        tracing::warn!(
+        worker.leave_unauthenticated(admitted);
+        worker
+            .metrics()
+            .port
+            .refused(AcceptRefusal::ConnectionsFull);
+        tracing::debug!(
             core = worker.index,
             "connection refused: connections_per_core_max reached"
         );
@@ -350,6 +455,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
         Ok(tls) => tls,
         Err(e) => {
             tracing::error!("TLS session setup failed: {e}");
+            worker.leave_unauthenticated(admitted);
             return;
         }
     };
@@ -359,7 +465,12 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
         id,
         stream,
         tls: RefCell::new(tls),
-        session: RefCell::new(Session::new(id, session_id, now_ms())),
+        session: RefCell::new(Session::accepted(
+            id,
+            session_id,
+            now_ms(),
+            &worker.shared.limits,
+        )),
         peer_cert: RefCell::new(None),
         handshake_seen: Cell::new(false),
         out: RefCell::new(Outbox::default()),
@@ -367,12 +478,14 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
         drained: Notify::new(),
         closing: Cell::new(false),
         counted: Cell::new(None),
-        write_started: Cell::new(None),
+        unauthenticated: Cell::new(Some(admitted)),
+        write_progress_ms: Cell::new(None),
+        writing_bytes: Cell::new(0),
+        timer_at: Cell::new(u64::MAX),
     });
     worker.insert(conn.clone() as Rc<dyn Connection>);
-    if let Some(at) = conn.session.borrow().poll_timeout() {
-        worker.schedule_timer(id, at);
-    }
+    worker.track_unauthenticated(id);
+    conn.ensure_timer(&worker);
     let writer = tokio_uring::spawn(write_loop(worker.clone(), conn.clone()));
     read_loop(&worker, &conn).await;
     conn.session.borrow_mut().handle_close(worker.shared.cores);
@@ -383,6 +496,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
     if let Some(principal) = conn.counted.get() {
         count_connection(&worker, principal, -1);
     }
+    conn.leave_unauthenticated(&worker);
     worker.remove(id);
 }
 
@@ -413,17 +527,20 @@ async fn read_loop(worker: &Worker, conn: &Conn) {
         };
         conn.handle_frames(worker, &mut decoder, &mut events);
         worker.dispatch(&mut events, conn);
+        conn.ensure_timer(worker);
         worker.flush().await;
         conn.wake_writer();
         worker.end_turn(started);
         if peer_closed {
             return;
         }
-        if read == buf.len() && buf.len() < READ_BUFFER_BYTES {
+        // An unauthenticated client keeps the smallest buffer: what it can make the relay
+        // hold stays small (it sends at most a Hello anyway).
+        if read == buf.len() && buf.len() < READ_BUFFER_BYTES && !conn.is_unauthenticated() {
             buf = vec![0u8; buf.len() * 2];
         }
         // Back-pressure: stop reading while this client has too much waiting to be written.
-        while conn.out.borrow().bytes > pending_max && !conn.closing.get() {
+        while conn.pending_bytes() > pending_max && !conn.closing.get() {
             conn.drained.notified().await;
         }
     }
@@ -474,18 +591,11 @@ async fn write_loop(worker: Rc<Worker>, conn: Rc<Conn>) {
             }
         }
         if !tls_out.is_empty() {
-            let written = tls_out.len() as u64;
-            conn.write_started.set(Some(Instant::now()));
-            let (result, returned) = conn.stream.write_all(tls_out).await;
-            conn.write_started.set(None);
+            let (result, returned) = write_tracked(&worker, &conn, tls_out).await;
             spare = returned;
             if result.is_err() {
                 break;
             }
-            worker
-                .metrics()
-                .bytes_out
-                .fetch_add(written, Ordering::Relaxed);
             continue;
         }
         conn.drained.notify_waiters();
@@ -497,4 +607,48 @@ async fn write_loop(worker: Rc<Worker>, conn: Rc<Conn>) {
     conn.closing.set(true);
     conn.drained.notify_waiters();
     let _ = conn.stream.shutdown(Shutdown::Both);
+}
+
+/// Writes all of `buf`, one socket write at a time, keeping the write deadline's clock: the
+/// bytes not yet taken count as pending (`writing_bytes`), and each write that takes some
+/// restarts `write_progress_ms`. The timer closes the socket past the deadline, which ends
+/// the write in flight.
+async fn write_tracked(
+    worker: &Worker,
+    conn: &Conn,
+    buf: Vec<u8>,
+) -> (std::io::Result<()>, Vec<u8>) {
+    use tokio_uring::buf::BoundedBuf;
+    let total = buf.len();
+    let mut written = 0;
+    let mut buf = buf;
+    conn.writing_bytes.set(total);
+    conn.write_progress_ms.set(Some(now_ms()));
+    conn.ensure_timer(worker);
+    let result = loop {
+        if written == total {
+            break Ok(());
+        }
+        let (result, slice) = conn.stream.write(buf.slice(written..)).submit().await;
+        buf = slice.into_inner();
+        match result {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                conn.writing_bytes.set(total - written);
+                if conn.write_progress_ms.get().is_some() {
+                    conn.write_progress_ms.set(Some(now_ms()));
+                }
+                worker
+                    .metrics()
+                    .bytes_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                conn.drained.notify_waiters();
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    conn.writing_bytes.set(0);
+    conn.write_progress_ms.set(None);
+    (result, buf)
 }

@@ -2,6 +2,7 @@
 //! SO_REUSEPORT listener, its connections and its shard. Only this module touches sockets,
 //! threads and the clock; `crate::core` gets the time as an argument.
 
+pub mod admission;
 pub mod conn;
 pub mod inject;
 pub mod shared;
@@ -103,6 +104,7 @@ impl Relay {
             connections: Connections::default(),
             stopping: AtomicBool::new(false),
             shards_open: tokio::sync::Barrier::new(usize::from(cores)),
+            sources: admission::Sources::default(),
         });
         let first =
             bind_reuseport(config.listen).map_err(|e| format!("listen {}: {e}", config.listen))?;
@@ -293,8 +295,10 @@ fn run_core(
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            tokio_uring::spawn(conn::serve(core.clone(), stream));
+                        Ok((stream, peer)) => {
+                            if let Some(admitted) = core.admit(peer.ip()) {
+                                tokio_uring::spawn(conn::serve(core.clone(), stream, admitted));
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(core = index, "accept failed: {e}");

@@ -38,6 +38,8 @@ pub struct Shared {
     /// before it accepts a connection: until every shard has counted the users it recovered,
     /// a network's figures are short and a new user could take it past its cap.
     pub shards_open: tokio::sync::Barrier,
+    /// Unauthenticated connections per source address, every core's together.
+    pub sources: super::admission::Sources,
 }
 
 /// Work one core hands another.

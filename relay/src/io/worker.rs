@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TrySendError};
 use tokio::sync::Notify;
 
+use super::admission::{HandshakeBucket, SourceKey};
 use super::shared::{Batch, ControlReply, Shared, WorkerMsg};
 use super::store::ShardDir;
 use crate::core::ConnId;
@@ -28,6 +29,8 @@ use crate::core::session::SessionEvent;
 use crate::core::shard::Shard;
 use crate::core::shard::interface::{ShardInput, ShardOutput, Ticket};
 use crate::limits::{INBOX_BATCHES_PER_TURN, TIMER_TICK};
+use crate::metrics::AcceptRefusal;
+use codec::ErrorCode;
 use devkit::now_ms;
 
 /// What a worker needs of a connection: somewhere to put the shard's outputs for it, and a
@@ -42,6 +45,17 @@ pub trait Connection: std::fmt::Debug {
     fn shut_down(&self, worker: &Worker);
     /// The session's timer may be due: let it act on its deadlines.
     fn on_timer(&self, worker: &Worker, now_ms: u64);
+    /// Whether it has not authenticated yet (and so counts against the unauthenticated caps).
+    fn is_unauthenticated(&self) -> bool;
+    /// Closes an unauthenticated connection to make room for a newer one.
+    fn evict(&self, worker: &Worker);
+}
+
+/// A connection let in by [`Worker::admit`]: counted as unauthenticated (on this core and
+/// for its source address) until it authenticates or closes.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    pub source: SourceKey,
 }
 
 /// A spilled frame to read back: (device, seq, segment, offset, len).
@@ -153,6 +167,14 @@ pub struct Worker {
     /// Control changes taken and not yet answered by the shard.
     control_waiting: RefCell<HashMap<Ticket, Arc<ControlReply>>>,
     next_session: Cell<u64>,
+    /// Connections of this core that have not authenticated (`unauthenticated_per_core_max`).
+    unauthenticated: Cell<u32>,
+    /// The same, oldest first (entries of connections that authenticated or closed are
+    /// skipped, and dropped when they outnumber the live ones).
+    unauthenticated_order: RefCell<VecDeque<ConnId>>,
+    /// `handshakes_per_core_per_second_max`, on the clock of `started`.
+    handshakes: RefCell<HandshakeBucket>,
+    started: Instant,
 }
 
 impl Worker {
@@ -166,7 +188,6 @@ impl Worker {
         let cores = usize::from(shared.cores);
         Worker {
             index,
-            shared,
             inbox,
             shard: RefCell::new(shard),
             log_dir,
@@ -179,6 +200,85 @@ impl Worker {
             session_timers: RefCell::new(BinaryHeap::new()),
             control_waiting: RefCell::new(HashMap::new()),
             next_session: Cell::new(1),
+            unauthenticated: Cell::new(0),
+            unauthenticated_order: RefCell::new(VecDeque::new()),
+            handshakes: RefCell::new(HandshakeBucket::new(
+                shared.limits.handshakes_per_core_per_second_max,
+            )),
+            started: Instant::now(),
+            shared,
+        }
+    }
+
+    /// Whether a connection just accepted from `ip` may start its handshake: the core's
+    /// handshake rate, the source's unauthenticated connections, and room among this core's
+    /// unauthenticated ones (made by closing the oldest, so that a crowd of connections that
+    /// never authenticate cannot keep a newer, faster one out). A refused connection is
+    /// closed at once (dropped) and counted.
+    pub fn admit(&self, ip: std::net::IpAddr) -> Option<Admitted> {
+        let limits = &self.shared.limits;
+        let metrics = self.metrics();
+        if !self.handshakes.borrow_mut().try_take(nanos(self.started)) {
+            metrics.port.refused(AcceptRefusal::HandshakeRate);
+            metrics.error(ErrorCode::HandshakeRateLimited);
+            return None;
+        }
+        let source = SourceKey::of(ip);
+        if !self
+            .shared
+            .sources
+            .try_add(source, limits.unauthenticated_per_source_max)
+        {
+            metrics.port.refused(AcceptRefusal::Source);
+            metrics.error(ErrorCode::SourceConnectionLimit);
+            return None;
+        }
+        if self.unauthenticated.get() >= limits.unauthenticated_per_core_max {
+            self.evict_oldest_unauthenticated();
+        }
+        self.unauthenticated.set(self.unauthenticated.get() + 1);
+        metrics
+            .port
+            .unauthenticated
+            .store(u64::from(self.unauthenticated.get()), Ordering::Relaxed);
+        Some(Admitted { source })
+    }
+
+    /// Remembers connection `id`, just admitted, in the order eviction takes.
+    pub fn track_unauthenticated(&self, id: ConnId) {
+        let mut order = self.unauthenticated_order.borrow_mut();
+        order.push_back(id);
+        let live = self.unauthenticated.get() as usize;
+        if order.len() > 2 * live + 64 {
+            let slab = self.conns.borrow();
+            order.retain(|id| slab.get(*id).is_some_and(|c| c.is_unauthenticated()));
+        }
+    }
+
+    /// A connection admitted as `admitted` authenticated or closed: it no longer counts.
+    pub fn leave_unauthenticated(&self, admitted: Admitted) {
+        self.unauthenticated
+            .set(self.unauthenticated.get().saturating_sub(1));
+        self.shared.sources.remove(admitted.source);
+        self.metrics()
+            .port
+            .unauthenticated
+            .store(u64::from(self.unauthenticated.get()), Ordering::Relaxed);
+    }
+
+    fn evict_oldest_unauthenticated(&self) {
+        loop {
+            let Some(id) = self.unauthenticated_order.borrow_mut().pop_front() else {
+                return;
+            };
+            let conn = self.conns.borrow().get(id);
+            if let Some(conn) = conn
+                && conn.is_unauthenticated()
+            {
+                self.metrics().port.evicted.fetch_add(1, Ordering::Relaxed);
+                conn.evict(self);
+                return;
+            }
         }
     }
 
@@ -273,6 +373,11 @@ impl Worker {
                     }
                 }
                 SessionEvent::Contact(contact) => self.shared.policy.record_contact(contact),
+                SessionEvent::DeadlinePassed(deadline) => self.metrics().port.deadline(deadline),
+                SessionEvent::KeepAliveSent => {
+                    let sent = &self.metrics().port.keepalives_sent;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
                 SessionEvent::Close => conn.begin_close(),
             }
         }

@@ -688,7 +688,10 @@ impl Relay {
                     }
                 }
                 SessionEvent::Contact(contact) => self.policy.record_contact(contact),
-                SessionEvent::Refused(_) | SessionEvent::PolicyChecked { .. } => {}
+                SessionEvent::Refused(_)
+                | SessionEvent::PolicyChecked { .. }
+                | SessionEvent::DeadlinePassed(_)
+                | SessionEvent::KeepAliveSent => {}
                 SessionEvent::Close => close = true,
             }
         }

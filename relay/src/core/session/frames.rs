@@ -4,7 +4,7 @@
 
 use codec::{
     ArchivedAck, ArchivedDeviceList, ArchivedDeviceSelection, ArchivedEnvelope, ArchivedHello,
-    ArchivedReceipt, ArchivedSignal, DeviceId, ErrorCode, Frame, FrameRef, HeaderRef,
+    ArchivedReceipt, ArchivedSignal, DeviceId, ErrorCode, Frame, FrameRef, HeaderRef, KeepAlive,
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, SessionLimits, Welcome, encode,
 };
 
@@ -16,6 +16,7 @@ use crate::tables::policy::PartnerStatus;
 
 impl Session {
     pub(super) fn on_frame(&mut self, cx: &SessionContext<'_>, frame: &Frame, view: FrameRef<'_>) {
+        self.handle_input(cx.now_ms);
         let Some(principal) = self.principal else {
             return match view.header {
                 HeaderRef::Hello(hello) => self.on_hello(cx, hello),
@@ -32,6 +33,16 @@ impl Session {
             HeaderRef::DeviceList(list) => self.on_device_list(cx, principal, list),
             HeaderRef::Error(_) => {
                 // A client's report of our error: nothing to answer; the IO shell logs it.
+            }
+            HeaderRef::KeepAlive(keep_alive) => {
+                // Answered whether or not the client enabled the feature: it knows the kind.
+                if !keep_alive.reply {
+                    let answer = KeepAlive {
+                        nonce: keep_alive.nonce.to_native(),
+                        reply: true,
+                    };
+                    let _ = encode(&mut self.transmit, &answer, &[]);
+                }
             }
             HeaderRef::Hello(_)
             | HeaderRef::Welcome(_)
@@ -63,12 +74,23 @@ impl Session {
                 let reason = format!("network {} is suspended", principal.network());
                 self.fail(ErrorCode::PartnerSuspended, &reason)
             }
-            Ok(principal) => self.establish(
-                cx,
-                principal,
-                hello.version_min.to_native(),
-                hello.version_max.to_native(),
-            ),
+            Ok(principal) => {
+                self.establish(
+                    cx,
+                    principal,
+                    hello.version_min.to_native(),
+                    hello.version_max.to_native(),
+                    hello.features.to_native(),
+                );
+                // A device session lasts as long as its token: past its expiry the session
+                // is closed with TOKEN_EXPIRED and the device reconnects with a fresh token
+                // (tokens are good for one session, so there is no in-band renewal).
+                if self.principal.is_some()
+                    && let rkyv::option::ArchivedOption::Some(token) = &hello.token
+                {
+                    self.token_expires_ms = Some(token.expires_at_ms.to_native());
+                }
+            }
             Err(Refused { code, reason }) => self.fail(code, &reason),
         }
     }
@@ -274,6 +296,7 @@ impl Session {
         principal: Principal,
         version_min: u16,
         version_max: u16,
+        features: u64,
     ) {
         let low = version_min.max(PROTOCOL_VERSION_MIN);
         let high = version_max.min(PROTOCOL_VERSION_MAX);
@@ -287,7 +310,7 @@ impl Session {
         let welcome = Welcome {
             version: high,
             session_id: self.session_id,
-            features: 0,
+            features: features & codec::features::ALL,
             limits: SessionLimits {
                 frame_bytes_max: u32::try_from(codec::limits::FRAME_BYTES_MAX).unwrap_or(u32::MAX),
                 payload_bytes_max: l.payload_bytes_max,
@@ -304,6 +327,7 @@ impl Session {
         }
         self.principal = Some(principal);
         self.hello_deadline_ms = None;
+        self.keepalive = features & codec::features::KEEPALIVE != 0;
         let input = match principal {
             Principal::Device { device } => SessionEvent::Route {
                 shard: shard_of(&device.user_address(), cx.shards),

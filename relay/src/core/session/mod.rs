@@ -14,7 +14,7 @@ mod reply;
 use std::collections::VecDeque;
 
 use bytes::BytesMut;
-use codec::{CodecError, DeviceAddress, ErrorCode, Frame, MessageId};
+use codec::{CodecError, DeviceAddress, ErrorCode, Frame, KeepAlive, MessageId, encode};
 
 use super::ConnId;
 use super::shard::interface::{AckOf, Refusal, ShardInput};
@@ -39,8 +39,41 @@ pub enum SessionEvent {
     /// A first contact between two users, for the shell to record
     /// (`Policy::record_contact`).
     Contact(ContactEvent),
+    /// A deadline passed and the session is closing for it (for `/metrics`).
+    DeadlinePassed(Deadline),
+    /// A `KeepAlive` request was written to a quiet session (for `/metrics`).
+    KeepAliveSent,
     /// Flush what was written and close the connection.
     Close,
+}
+
+/// The session's deadlines (`RelayLimits`: `tls_handshake_timeout_ms`, `hello_timeout_ms`,
+/// `idle_timeout_ms`; a device session's token expiry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    Handshake,
+    Hello,
+    Idle,
+    TokenExpiry,
+}
+
+impl Deadline {
+    pub const ALL: [Deadline; 4] = [
+        Deadline::Handshake,
+        Deadline::Hello,
+        Deadline::Idle,
+        Deadline::TokenExpiry,
+    ];
+
+    /// The label `/metrics` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Deadline::Handshake => "handshake",
+            Deadline::Hello => "hello",
+            Deadline::Idle => "idle",
+            Deadline::TokenExpiry => "token_expiry",
+        }
+    }
 }
 
 /// What a session needs to know of the world for one call.
@@ -67,26 +100,90 @@ pub struct Session {
     /// Envelopes and receipts routed to shards and not yet acknowledged by the relay: what
     /// `frames_in_flight_max` bounds, counted up in `route` and down in `handle_relay_ack`.
     in_flight: u32,
-    /// Until `Hello` is accepted: when the session is given up.
+    /// Until TLS is up: when the connection is given up (no frame can be sent then).
+    handshake_deadline_ms: Option<u64>,
+    /// From TLS up until `Hello` is accepted: when the session is given up.
     hello_deadline_ms: Option<u64>,
+    /// How long `Hello` may take once TLS is up.
+    hello_timeout_ms: u64,
+    /// When the client last sent anything: the idle deadline runs from it.
+    last_input_ms: u64,
+    idle_timeout_ms: u64,
+    /// The client enabled `features::KEEPALIVE`: it is asked before its idle deadline.
+    keepalive: bool,
+    /// A `KeepAlive` request went out since the client last sent anything.
+    keepalive_asked: bool,
+    /// A device session ends when its token expires.
+    token_expires_ms: Option<u64>,
     /// Frames of the relay's own, encoded, waiting for the shell.
     transmit: BytesMut,
     events: VecDeque<SessionEvent>,
 }
 
 impl Session {
+    /// A session whose transport is up: `Hello` is due within `HELLO_TIMEOUT`; the other
+    /// deadlines are the default limits'. (The sans-IO harnesses start here.)
     pub fn new(conn: ConnId, session_id: u64, now_ms: u64) -> Session {
-        let hello_ms = u64::try_from(HELLO_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+        let limits = RelayLimits {
+            hello_timeout_ms: u32::try_from(HELLO_TIMEOUT.as_millis()).unwrap_or(u32::MAX),
+            ..RelayLimits::default()
+        };
+        let mut session = Session::accepted(conn, session_id, now_ms, &limits);
+        session.handle_tls_established(now_ms);
+        session
+    }
+
+    /// A session for a connection just accepted: TLS must be up within
+    /// `tls_handshake_timeout_ms` ([`Session::handle_tls_established`]), then `Hello` within
+    /// `hello_timeout_ms`.
+    pub fn accepted(conn: ConnId, session_id: u64, now_ms: u64, limits: &RelayLimits) -> Session {
+        let handshake_ms = u64::from(limits.tls_handshake_timeout_ms);
         Session {
             conn,
             session_id,
             principal: None,
             closed: false,
             in_flight: 0,
-            hello_deadline_ms: Some(now_ms.saturating_add(hello_ms)),
+            handshake_deadline_ms: Some(now_ms.saturating_add(handshake_ms)),
+            hello_deadline_ms: None,
+            hello_timeout_ms: u64::from(limits.hello_timeout_ms),
+            last_input_ms: now_ms,
+            idle_timeout_ms: u64::from(limits.idle_timeout_ms),
+            keepalive: false,
+            keepalive_asked: false,
+            token_expires_ms: None,
             transmit: BytesMut::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// The TLS handshake finished: `Hello` is due now.
+    pub fn handle_tls_established(&mut self, now_ms: u64) {
+        if self.closed || self.handshake_deadline_ms.is_none() {
+            return;
+        }
+        self.handshake_deadline_ms = None;
+        self.hello_deadline_ms = Some(now_ms.saturating_add(self.hello_timeout_ms));
+    }
+
+    /// Bytes arrived from the client (a whole frame or not): it is not idle.
+    pub fn handle_input(&mut self, now_ms: u64) {
+        self.last_input_ms = self.last_input_ms.max(now_ms);
+        self.keepalive_asked = false;
+    }
+
+    /// Before authentication, the client announced a frame of `len` bytes, more than
+    /// `preauth_bytes_max`: the session ends.
+    pub fn handle_preauth_overflow(&mut self, len: usize, max: u32) {
+        let reason = format!(
+            "a frame of {len} bytes before authentication; the relay buffers {max} for an unauthenticated client"
+        );
+        self.fail(ErrorCode::PreauthLimit, &reason);
+    }
+
+    /// Whether `Hello` was accepted.
+    pub fn is_established(&self) -> bool {
+        self.principal.is_some()
     }
 
     pub fn principal(&self) -> Option<Principal> {
@@ -113,8 +210,9 @@ impl Session {
     }
 
     /// A frame that failed to decode: framing errors end the session, others spoil one frame.
+    /// Before authentication every error ends it: an unknown client gets one error, no more.
     pub fn handle_decode_error(&mut self, err: CodecError) {
-        if err.is_framing() {
+        if err.is_framing() || self.principal.is_none() {
             return self.fail(err.code(), &err.to_string());
         }
         self.error(err.code(), None, &err.to_string());
@@ -154,19 +252,71 @@ impl Session {
         if self.closed {
             return None;
         }
-        self.hello_deadline_ms
+        if self.principal.is_none() {
+            return self.handshake_deadline_ms.or(self.hello_deadline_ms);
+        }
+        let idle = self.last_input_ms.saturating_add(self.idle_timeout_ms);
+        let ask = (self.keepalive && !self.keepalive_asked)
+            .then(|| self.last_input_ms.saturating_add(self.idle_timeout_ms / 2));
+        [Some(idle), ask, self.token_expires_ms]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Gives up on a session whose deadline passed.
+    /// Acts on the deadlines that passed: closes the session, or asks a quiet client that
+    /// enabled the feature for a `KeepAlive`.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         if self.closed {
             return;
         }
-        if self.hello_deadline_ms.is_some_and(|at| at <= now_ms) {
-            self.fail(
+        let passed = |at: Option<u64>| at.is_some_and(|at| at <= now_ms);
+        if passed(self.handshake_deadline_ms) {
+            // No TLS session, so no frame: the code is for the log and `/metrics`.
+            self.events
+                .push_back(SessionEvent::DeadlinePassed(Deadline::Handshake));
+            self.events
+                .push_back(SessionEvent::Refused(ErrorCode::HandshakeTimeout));
+            self.closed = true;
+            self.handshake_deadline_ms = None;
+            self.events.push_back(SessionEvent::Close);
+            return;
+        }
+        if passed(self.hello_deadline_ms) {
+            self.events
+                .push_back(SessionEvent::DeadlinePassed(Deadline::Hello));
+            return self.fail(
                 ErrorCode::HelloRequired,
-                "no Hello in time after the connection opened",
+                "no Hello in time after the TLS handshake",
             );
+        }
+        if self.principal.is_none() {
+            return;
+        }
+        if passed(self.token_expires_ms) {
+            self.events
+                .push_back(SessionEvent::DeadlinePassed(Deadline::TokenExpiry));
+            return self.fail(
+                ErrorCode::TokenExpired,
+                "the session's device token expired; reconnect with a fresh one",
+            );
+        }
+        if self.last_input_ms.saturating_add(self.idle_timeout_ms) <= now_ms {
+            self.events
+                .push_back(SessionEvent::DeadlinePassed(Deadline::Idle));
+            let reason = format!("nothing received for {} ms", self.idle_timeout_ms);
+            return self.fail(ErrorCode::IdleTimeout, &reason);
+        }
+        let ask_at = self.last_input_ms.saturating_add(self.idle_timeout_ms / 2);
+        if self.keepalive && !self.keepalive_asked && ask_at <= now_ms {
+            self.keepalive_asked = true;
+            let ask = KeepAlive {
+                nonce: now_ms,
+                reply: false,
+            };
+            // Within limits by construction.
+            let _ = encode(&mut self.transmit, &ask, &[]);
+            self.events.push_back(SessionEvent::KeepAliveSent);
         }
     }
 
@@ -221,6 +371,7 @@ impl Session {
         self.events.push_back(SessionEvent::Refused(code));
         encode_error(&mut self.transmit, code, None, true, reason);
         self.closed = true;
+        self.handshake_deadline_ms = None;
         self.hello_deadline_ms = None;
         self.events.push_back(SessionEvent::Close);
     }
