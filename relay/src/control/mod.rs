@@ -77,8 +77,10 @@ impl ApiError {
                 409
             }
             ErrorCode::BodyTooLarge => 413,
-            ErrorCode::RateLimited => 429,
-            ErrorCode::StorageUnavailable | ErrorCode::DataPlaneUnavailable => 503,
+            ErrorCode::RateLimited | ErrorCode::SourceRateLimited => 429,
+            ErrorCode::StorageUnavailable
+            | ErrorCode::DataPlaneUnavailable
+            | ErrorCode::HttpBusy => 503,
             _ => 500,
         };
         ApiError {

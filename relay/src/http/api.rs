@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -20,7 +20,8 @@ use codec::{ErrorCode, NetworkId, UserAddress, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::context::{HttpContext, Peer};
+use super::context::{Guard, HttpContext, Origin, Peer};
+use super::sources;
 use crate::control::discovery::{DiscoveryRequest, Match};
 use crate::control::keys::{Claim, KeyUpload};
 use crate::control::partners::{NewPartner, NewStatus};
@@ -59,7 +60,7 @@ pub fn router(context: HttpContext) -> Router {
         .map_or(1 << 20, |c| c.settings.api_body_bytes_max as usize);
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/partners", get(partners_list).post(partner_add))
         .route("/v1/partners/{id}", get(partner_show))
@@ -105,6 +106,71 @@ pub fn router(context: HttpContext) -> Router {
         .with_state(context)
 }
 
+/// The reserved lane's routes (see `mod.rs`): `/healthz` and `/metrics`, and `HTTP_BUSY` for
+/// anything else.
+pub fn reserved_router(context: HttpContext) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(busy)
+        .with_state(context)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn busy(request: axum::extract::Request) -> ApiError {
+    if let Some(guard) = request.extensions().get::<Arc<Guard>>() {
+        guard.metrics.busy();
+    }
+    let mut error = ApiError::new(
+        ErrorCode::HttpBusy,
+        "the HTTP port is at its connection limit; only /healthz and /metrics are answered now",
+    );
+    error.retry_after_s = Some(1);
+    error
+}
+
+/// A request to a route that needs no certificate, within its source's budget
+/// (`http.open_requests_per_source_per_min`); else `SOURCE_RATE_LIMITED`, and the connection
+/// is closed after it: a client that pipelines thousands of requests would otherwise have
+/// the relay write thousands of refusals.
+struct OpenBudget;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for OpenBudget {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<OpenBudget, Response> {
+        let (Some(Origin(source)), Some(guard)) = (
+            parts.extensions.get::<Origin>().copied(),
+            parts.extensions.get::<Arc<Guard>>(),
+        ) else {
+            return Ok(OpenBudget);
+        };
+        let taken = sources::lock(&guard.sources).take_open_request(source, Instant::now());
+        match taken {
+            Ok(()) => Ok(OpenBudget),
+            Err(wait) => {
+                guard.metrics.rate_limited();
+                let seconds = u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+                let mut error = ApiError::new(
+                    ErrorCode::SourceRateLimited,
+                    format!(
+                        "this address asked for documents that need no certificate too often; retry in {seconds} s"
+                    ),
+                );
+                error.retry_after_s = Some(seconds);
+                let mut response = error.into_response();
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Err(response)
+            }
+        }
+    }
+}
+
 /// Stores the data plane's contact events and re-applies the location rule, forever.
 pub async fn run_background(control: Arc<ControlPlane>) {
     let sweep_every = Duration::from_secs(u64::from(control.settings.location_sweep_s));
@@ -142,7 +208,7 @@ async fn metrics(State(context): State<HttpContext>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
+async fn openapi(_: OpenBudget) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
