@@ -278,9 +278,9 @@ impl axum::extract::FromRequestParts<HttpContext> for Authed {
 /// How long a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Parses a JSON body, naming what is wrong.
+/// Parses a JSON body, naming what is wrong (see `body.rs`).
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::malformed(format!("body: {e}")))
+    super::body::parse(bytes)
 }
 
 /// A body read up to the size limit.
@@ -360,6 +360,13 @@ fn parse_number<T: std::str::FromStr>(field: &str, text: &str) -> ApiResult<T> {
     digits_only(text)
         .parse()
         .map_err(|_| ApiError::malformed(format!("{field}: {text:?} is not a number in range")))
+}
+
+/// A page's `limit`: any integer the document allows (0 to 2^64 - 1), clamped by the
+/// operation.
+fn page_limit(text: &str) -> ApiResult<usize> {
+    let limit: u64 = parse_number("limit", text)?;
+    Ok(usize::try_from(limit).unwrap_or(usize::MAX))
 }
 
 async fn partners_list(Authed(control, caller): Authed) -> ApiResult<Response> {
@@ -445,7 +452,7 @@ async fn user_identifier_change(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Hashes {
+pub struct Hashes {
     hashes: Vec<String>,
 }
 
@@ -462,7 +469,7 @@ async fn user_contact_book(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Devices {
+pub struct Devices {
     devices: Vec<u32>,
 }
 
@@ -509,8 +516,8 @@ async fn requests_list(
         Some(text) => parse_number("after", text)?,
         None => 0,
     };
-    let limit: usize = match query.get("limit") {
-        Some(text) => parse_number("limit", text)?,
+    let limit = match query.get("limit") {
+        Some(text) => page_limit(text)?,
         None => crate::control::requests::REQUESTS_PAGE_MAX,
     };
     let list = blocking(move || control.requests(caller, state, after, limit)).await?;
@@ -545,7 +552,7 @@ async fn request_refuse(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Lookup {
+pub struct Lookup {
     requester: String32,
     identifier_hash: String,
 }
@@ -621,8 +628,8 @@ async fn events_list(
         Some(text) => parse_number("after", text)?,
         None => 0,
     };
-    let limit: usize = match query.get("limit") {
-        Some(text) => parse_number("limit", text)?,
+    let limit = match query.get("limit") {
+        Some(text) => page_limit(text)?,
         None => crate::control::events::EVENTS_PAGE_MAX,
     };
     let events = blocking(move || control.events(caller, after, limit)).await?;

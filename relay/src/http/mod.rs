@@ -16,6 +16,7 @@
 //! once. See docs/operations.md.
 
 pub mod api;
+pub mod body;
 pub mod context;
 pub mod deadline;
 pub mod limits;

@@ -1,0 +1,134 @@
+//! Request bodies: JSON parsed into the control plane's request types, every failure a
+//! `REQUEST_MALFORMED` that names what is wrong (messages start with `body: `). A number
+//! written with a fraction of zero (`65596.0`, `1e3`) is an integer in JSON Schema, and so
+//! in `docs/openapi.json`: it is taken as that integer. The fuzz target `api_body` feeds
+//! arbitrary bytes to [`parse_any`].
+
+use serde::de::DeserializeOwned;
+use serde_json::{Number, Value};
+
+use crate::control::{ApiError, ApiResult};
+
+/// Parses a JSON body into `T`.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::malformed(format!("body: {e}")))?;
+    integral_floats_to_integers(&mut value);
+    serde_json::from_value(value).map_err(|e| ApiError::malformed(format!("body: {e}")))
+}
+
+/// The largest float below 2^64 is exactly representable; from 2^64 on a float is out of
+/// every integer type the API reads.
+const TWO_POW_64: f64 = 18_446_744_073_709_551_616.0;
+const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+
+/// Rewrites every float with no fractional part, within 64 bits, as an integer; nothing
+/// else changes. Iterative, so a deeply nested body cannot overflow the stack (serde_json
+/// already refuses nesting past 128 levels).
+fn integral_floats_to_integers(value: &mut Value) {
+    let mut stack = vec![value];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::Number(number) => {
+                if let Some(integer) = as_integer(number) {
+                    *number = integer;
+                }
+            }
+            Value::Array(items) => stack.extend(items.iter_mut()),
+            Value::Object(fields) => stack.extend(fields.values_mut()),
+            Value::Null | Value::Bool(_) | Value::String(_) => {}
+        }
+    }
+}
+
+#[allow(clippy::cast_possible_truncation)] // checked: integral and within range
+fn as_integer(number: &Number) -> Option<Number> {
+    if number.is_u64() || number.is_i64() {
+        return None;
+    }
+    let float = number.as_f64()?;
+    if float.fract() != 0.0 || !float.is_finite() {
+        return None;
+    }
+    if (0.0..TWO_POW_64).contains(&float) {
+        Some(Number::from(float as u64))
+    } else if (-TWO_POW_63..0.0).contains(&float) {
+        Some(Number::from(float as i64))
+    } else {
+        None
+    }
+}
+
+/// Every request body type of the API, parsed from the same bytes: what the fuzz target
+/// runs. Returns how many of them accepted the bytes.
+pub fn parse_any(bytes: &[u8]) -> usize {
+    use crate::control::discovery::DiscoveryRequest;
+    use crate::control::keys::{Claim, KeyUpload};
+    use crate::control::partners::{NewPartner, NewStatus};
+    use crate::control::users::{Attestation, Enlistment, IdentifierChange};
+    [
+        parse::<NewPartner>(bytes).is_ok(),
+        parse::<NewStatus>(bytes).is_ok(),
+        parse::<Enlistment>(bytes).is_ok(),
+        parse::<IdentifierChange>(bytes).is_ok(),
+        parse::<Attestation>(bytes).is_ok(),
+        parse::<DiscoveryRequest>(bytes).is_ok(),
+        parse::<KeyUpload>(bytes).is_ok(),
+        parse::<Claim>(bytes).is_ok(),
+        parse::<super::api::Hashes>(bytes).is_ok(),
+        parse::<super::api::Devices>(bytes).is_ok(),
+        parse::<super::api::Lookup>(bytes).is_ok(),
+    ]
+    .into_iter()
+    .filter(|ok| *ok)
+    .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        small: u32,
+        big: u64,
+        signed: i64,
+        list: Vec<u32>,
+    }
+
+    #[test]
+    fn integers_written_as_floats_are_integers() {
+        let parsed: Sample =
+            parse(br#"{"small": 65596.0, "big": 1e19, "signed": -3.0, "list": [1, 2.0, 3e2]}"#)
+                .unwrap();
+        assert_eq!(
+            parsed,
+            Sample {
+                small: 65596,
+                big: 10_000_000_000_000_000_000,
+                signed: -3,
+                list: vec![1, 2, 300],
+            }
+        );
+    }
+
+    #[test]
+    fn fractions_and_out_of_range_numbers_are_refused_with_the_field_named() {
+        for body in [
+            r#"{"small": 1.5, "big": 1, "signed": 1, "list": []}"#,
+            r#"{"small": 4294967296.0, "big": 1, "signed": 1, "list": []}"#,
+            r#"{"small": 1, "big": 1.8446744073709552e19, "signed": 1, "list": []}"#,
+            r#"{"small": 1, "big": -1.0, "signed": 1, "list": []}"#,
+            r#"{"small": 1, "big": 1, "signed": 1, "list": [], "extra": 0}"#,
+            "not json",
+        ] {
+            let error = parse::<Sample>(body.as_bytes()).unwrap_err();
+            assert!(
+                error.message.starts_with("body: "),
+                "{body}: {}",
+                error.message
+            );
+        }
+    }
+}
