@@ -1539,7 +1539,7 @@ async fn answers_validate_against_the_document() {
             &operator,
             "POST",
             "/v1/partners/7/status",
-            Body::Conforming(json!({"status": "suspended", "reason": "abuse"})),
+            Body::Nonconforming(json!({"status": "suspended", "reason": "abuse"})),
             ErrorCode::GroundRequired,
         )
         .await;
@@ -1972,7 +1972,7 @@ async fn answers_validate_against_the_document() {
             &gatekeeper,
             "POST",
             "/v1/discovery/bulk",
-            Body::Conforming(json!({"requester": bob_hex, "identifier_hashes": too_many})),
+            Body::Nonconforming(json!({"requester": bob_hex, "identifier_hashes": too_many})),
             ErrorCode::DiscoveryBatchTooLarge,
         )
         .await;
