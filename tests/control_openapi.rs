@@ -2469,6 +2469,18 @@ async fn documented_integers_are_read_as_the_document_says() {
         (400, Some(600)),
         "{answer:?}"
     );
+    // So in a path: the partner 2 is `2.0` and `2e0` too.
+    let operator = relay.api(Who::Operator);
+    for path in ["/v1/partners/2.0", "/v1/partners/2e0"] {
+        let answer = operator.get(path).await.unwrap();
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+    }
+    let answer = operator.get("/v1/partners/2.5").await.unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code()),
+        (400, Some(600)),
+        "{answer:?}"
+    );
     // A device list with integers written as floats reaches the control plane (this user is
     // not enlisted: NOT_FOUND, not REQUEST_MALFORMED).
     let path = format!("{}/devices", user_path(&user(GATEKEEPER, 0x7007)));

@@ -346,14 +346,11 @@ fn parse_user(network: &str, user: &str) -> ApiResult<UserAddress> {
     })
 }
 
-/// `text` if it is all ASCII digits, else a string no number parser accepts (`u32::from_str`
-/// takes a leading `+`, which an API id must not have).
-fn digits_only(text: &str) -> &str {
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        text
-    } else {
-        "-"
-    }
+/// The decimal digits of the integer `text` spells (`42`, `42.0`, `4.2e1`: see
+/// `body::integer_digits`), else a string no number parser accepts (`u32::from_str` takes a
+/// leading `+`, which an API id must not have).
+fn digits_only(text: &str) -> std::borrow::Cow<'_, str> {
+    super::body::integer_digits(text).unwrap_or(std::borrow::Cow::Borrowed("-"))
 }
 
 fn parse_number<T: std::str::FromStr>(field: &str, text: &str) -> ApiResult<T> {

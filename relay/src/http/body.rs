@@ -4,6 +4,8 @@
 //! in `docs/openapi.json`: it is taken as that integer. The fuzz target `api_body` feeds
 //! arbitrary bytes to [`parse_any`].
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde_json::{Number, Value};
 
@@ -59,6 +61,44 @@ fn as_integer(number: &Number) -> Option<Number> {
     }
 }
 
+/// The integer a path or query parameter spells, as plain decimal digits: `42`, and the
+/// same integer as JSON writes it with a fraction or an exponent (`42.0`, `4.2e1`), which
+/// JSON Schema (and so the document) calls an integer too. `None` for anything else: a
+/// sign, a fraction that is not zero, not a number. The digits may be too many for the
+/// field's type; its parser says so. An exponent past 64 is refused here (no 64-bit
+/// integer has more digits), so the digits stay short.
+pub fn integer_digits(text: &str) -> Option<Cow<'_, str>> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if digits(text) {
+        return Some(Cow::Borrowed(text));
+    }
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => {
+            let exponent = exponent.strip_prefix('+').unwrap_or(exponent);
+            if !digits(exponent) {
+                return None;
+            }
+            (mantissa, exponent.parse::<u32>().ok().filter(|e| *e <= 64)?)
+        }
+        None => (text, 0),
+    };
+    let (whole, fraction) = match mantissa.split_once('.') {
+        // JSON has digits on both sides of a point.
+        Some((whole, fraction)) if digits(fraction) => (whole, fraction.trim_end_matches('0')),
+        Some(_) => return None,
+        None => (mantissa, ""),
+    };
+    if !digits(whole) {
+        return None;
+    }
+    let zeros = exponent.checked_sub(u32::try_from(fraction.len()).ok()?)?;
+    let mut out = String::with_capacity(whole.len() + fraction.len() + zeros as usize);
+    out.push_str(whole);
+    out.push_str(fraction);
+    out.extend(std::iter::repeat_n('0', zeros as usize));
+    Some(Cow::Owned(out))
+}
+
 /// Every request body type of the API, parsed from the same bytes: what the fuzz target
 /// runs. Returns how many of them accepted the bytes.
 pub fn parse_any(bytes: &[u8]) -> usize {
@@ -89,6 +129,19 @@ pub fn parse_any(bytes: &[u8]) -> usize {
 /// floats changes no value and is done in one pass.
 pub fn check(bytes: &[u8]) {
     parse_any(bytes);
+    if let Ok(text) = std::str::from_utf8(bytes)
+        && let Some(digits) = integer_digits(text)
+    {
+        assert!(
+            digits.bytes().all(|b| b.is_ascii_digit()),
+            "{text:?} gave {digits:?}"
+        );
+        assert!(
+            digits.len() <= text.len() + 64,
+            "{text:?} gave {} digits",
+            digits.len()
+        );
+    }
     let Ok(original) = serde_json::from_slice::<Value>(bytes) else {
         return;
     };
@@ -146,6 +199,29 @@ mod tests {
                 list: vec![1, 2, 300],
             }
         );
+    }
+
+    #[test]
+    fn parameters_spell_integers_as_json_does() {
+        for (text, digits) in [
+            ("42", Some("42")),
+            ("4294967294.0", Some("4294967294")),
+            ("4.2e1", Some("42")),
+            ("1E+3", Some("1000")),
+            ("1.50e1", Some("15")),
+            ("007", Some("007")),
+            ("1.5", None),
+            ("1e-1", None),
+            ("+1", None),
+            ("-1", None),
+            (".5", None),
+            ("1.", None),
+            ("1e65", None),
+            ("", None),
+            ("0x10", None),
+        ] {
+            assert_eq!(integer_digits(text).as_deref(), digits, "{text:?}");
+        }
     }
 
     #[test]
