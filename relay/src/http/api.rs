@@ -20,6 +20,7 @@ use codec::{ErrorCode, NetworkId, UserAddress, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use super::body::{Devices, Hashes, Lookup};
 use super::context::{Guard, HttpContext, Origin, Peer};
 use super::sources;
 use crate::control::discovery::{DiscoveryRequest, Match};
@@ -27,7 +28,7 @@ use crate::control::keys::{Claim, KeyUpload};
 use crate::control::partners::{NewPartner, NewStatus};
 use crate::control::requests::RequestState;
 use crate::control::users::{Attestation, Enlistment, IdentifierChange};
-use crate::control::{ApiError, ApiResult, Caller, ControlPlane, String32, parse_user_id};
+use crate::control::{ApiError, ApiResult, Caller, ControlPlane, parse_user_id};
 
 /// The OpenAPI document of this API, as committed in the repository.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -447,12 +448,6 @@ async fn user_identifier_change(
     Ok(Json(record).into_response())
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hashes {
-    hashes: Vec<String>,
-}
-
 async fn user_contact_book(
     Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
@@ -462,12 +457,6 @@ async fn user_contact_book(
     let Hashes { hashes } = body(&bytes)?;
     let count = blocking(move || control.set_contact_book(caller, user, hashes)).await?;
     Ok(Json(json!({"contacts": count})).into_response())
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Devices {
-    devices: Vec<u32>,
 }
 
 async fn user_devices(
@@ -545,13 +534,6 @@ async fn request_refuse(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     decide(control, caller, id, false).await
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Lookup {
-    requester: String32,
-    identifier_hash: String,
 }
 
 async fn discovery_lookup(

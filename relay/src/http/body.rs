@@ -99,6 +99,28 @@ pub fn integer_digits(text: &str) -> Option<Cow<'_, str>> {
     Some(Cow::Owned(out))
 }
 
+/// `PUT /v1/users/{network}/{user}/contact-book`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hashes {
+    pub hashes: Vec<String>,
+}
+
+/// `PUT /v1/users/{network}/{user}/devices`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Devices {
+    pub devices: Vec<u32>,
+}
+
+/// `POST /v1/discovery/lookup`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lookup {
+    pub requester: crate::control::String32,
+    pub identifier_hash: String,
+}
+
 /// Every request body type of the API, parsed from the same bytes: what the fuzz target
 /// runs. Returns how many of them accepted the bytes.
 pub fn parse_any(bytes: &[u8]) -> usize {
@@ -115,9 +137,9 @@ pub fn parse_any(bytes: &[u8]) -> usize {
         parse::<DiscoveryRequest>(bytes).is_ok(),
         parse::<KeyUpload>(bytes).is_ok(),
         parse::<Claim>(bytes).is_ok(),
-        parse::<super::api::Hashes>(bytes).is_ok(),
-        parse::<super::api::Devices>(bytes).is_ok(),
-        parse::<super::api::Lookup>(bytes).is_ok(),
+        parse::<Hashes>(bytes).is_ok(),
+        parse::<Devices>(bytes).is_ok(),
+        parse::<Lookup>(bytes).is_ok(),
     ]
     .into_iter()
     .filter(|ok| *ok)
