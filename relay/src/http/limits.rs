@@ -18,7 +18,10 @@ pub struct HttpLimits {
     /// Extra connections kept for `/healthz` and `/metrics` when the general lane is full:
     /// one request each, within `reserved_deadline_ms`; any other route gets `HTTP_BUSY`.
     pub connections_reserved: u32,
-    /// Connections one source (an IPv4 address, an IPv6 /64) may hold on both lanes.
+    /// Connections one source (an IPv4 address, an IPv6 /64) may hold on both lanes until
+    /// they authenticate (a client certificate the relay trusts); then they count only
+    /// against `connections_max`. Above a partner's burst of concurrent API calls, below the
+    /// lane, so one address cannot fill it.
     pub connections_per_source_max: u32,
     /// Time to send the first byte and finish the TLS handshake.
     pub handshake_timeout_ms: u32,
@@ -48,7 +51,7 @@ impl Default for HttpLimits {
         HttpLimits {
             connections_max: 1024,
             connections_reserved: 16,
-            connections_per_source_max: 64,
+            connections_per_source_max: 256,
             handshake_timeout_ms: 10_000,
             header_timeout_ms: 10_000,
             write_timeout_ms: 10_000,

@@ -152,7 +152,6 @@ async fn serve_connection(stream: TcpStream, ticket: Ticket, lanes: Lanes) {
     let limits = lanes.guard.limits;
     let activity = Arc::new(Activity::new(Instant::now()));
     let watched = Watched::new(stream, activity.clone());
-    let origin = Origin(ticket.source);
     let lane = ticket.lane;
     let router = match lane {
         Lane::General => lanes.general.clone(),
@@ -160,7 +159,7 @@ async fn serve_connection(stream: TcpStream, ticket: Ticket, lanes: Lanes) {
     };
     let work = async {
         tokio::select! {
-            closed = serve_stream(watched, router, lanes.tls.clone(), origin, lanes.guard.clone(), lane) => closed,
+            closed = serve_stream(watched, router, lanes.tls.clone(), &ticket, lanes.guard.clone()) => closed,
             expired = deadline::watch(&activity, limits.write_timeout(), limits.idle_timeout()) => {
                 Some(Closed::Deadline(expired))
             }
@@ -184,11 +183,11 @@ async fn serve_stream(
     stream: Watched<TcpStream>,
     router: axum::Router,
     tls: Option<Arc<ServerConfig>>,
-    origin: Origin,
+    ticket: &Ticket,
     guard: Arc<Guard>,
-    lane: Lane,
 ) -> Option<Closed> {
     let limits = guard.limits;
+    let (origin, lane) = (Origin(ticket.source), ticket.lane);
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(
         limits.handshake_timeout(),
@@ -222,6 +221,10 @@ async fn serve_stream(
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .map(|cert| Arc::<[u8]>::from(cert.as_ref()));
+            // rustls verified it against the CAs the relay trusts.
+            if cert.is_some() {
+                ticket.authenticated();
+            }
             serve_http(stream, router, Peer::Tls(cert), &limits, lane).await
         }
         _ => serve_http(stream, router, Peer::Plain, &limits, lane).await,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,12 +121,27 @@ impl Sources {
         Ok(lane)
     }
 
-    /// Gives back a slot taken by [`Sources::admit`].
-    pub fn release(&mut self, source: Source, lane: Lane, now: Instant) {
+    /// The connection from `source` authenticated (a client certificate the TLS
+    /// configuration trusts): it leaves its source's count, so a partner's servers behind
+    /// one address may hold as many API connections as the lane has; the cap is for
+    /// connections nobody vouched for.
+    pub fn authenticated(&mut self, source: Source, now: Instant) {
+        self.leave_source(source, now);
+    }
+
+    /// Gives back a slot taken by [`Sources::admit`]; `counted`: the connection still counts
+    /// for its source (it did not authenticate).
+    pub fn release(&mut self, source: Source, lane: Lane, counted: bool, now: Instant) {
         match lane {
             Lane::General => self.general -= 1,
             Lane::Reserved => self.reserved -= 1,
         }
+        if counted {
+            self.leave_source(source, now);
+        }
+    }
+
+    fn leave_source(&mut self, source: Source, now: Instant) {
         let bucket_max = self.bucket_max();
         let rate = u64::from(self.limits.open_requests_per_source_per_min);
         let Some(entry) = self.table.get_mut(&source) else {
@@ -178,6 +194,8 @@ pub struct Ticket {
     sources: Arc<Mutex<Sources>>,
     pub source: Source,
     pub lane: Lane,
+    /// Still counted for its source (not authenticated).
+    counted: AtomicBool,
 }
 
 impl Ticket {
@@ -191,13 +209,22 @@ impl Ticket {
             sources: sources.clone(),
             source,
             lane,
+            counted: AtomicBool::new(true),
         })
+    }
+
+    /// See [`Sources::authenticated`]; once.
+    pub fn authenticated(&self) {
+        if self.counted.swap(false, Ordering::Relaxed) {
+            lock(&self.sources).authenticated(self.source, Instant::now());
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        lock(&self.sources).release(self.source, self.lane, Instant::now());
+        let counted = *self.counted.get_mut();
+        lock(&self.sources).release(self.source, self.lane, counted, Instant::now());
     }
 }
 
@@ -238,7 +265,7 @@ mod tests {
         assert_eq!(s.admit(ip(2), now), Ok(Lane::General));
         assert_eq!(s.admit(ip(3), now), Ok(Lane::Reserved));
         assert_eq!(s.admit(ip(4), now), Err(Refusal::Full));
-        s.release(ip(1), Lane::General, now);
+        s.release(ip(1), Lane::General, true, now);
         assert_eq!(s.admit(ip(4), now), Ok(Lane::General));
         assert_eq!(s.occupancy(), (3, 1, 4));
         for (source, lane) in [
@@ -247,8 +274,23 @@ mod tests {
             (ip(3), Lane::Reserved),
             (ip(4), Lane::General),
         ] {
-            s.release(source, lane, now);
+            s.release(source, lane, true, now);
         }
+        assert_eq!(s.occupancy(), (0, 0, 0));
+    }
+
+    #[test]
+    fn authenticated_connections_leave_their_source_count() {
+        let now = Instant::now();
+        let mut s = Sources::new(limits());
+        s.admit(ip(1), now).unwrap();
+        s.admit(ip(1), now).unwrap();
+        assert_eq!(s.admit(ip(1), now), Err(Refusal::PerSource));
+        s.authenticated(ip(1), now);
+        assert_eq!(s.admit(ip(1), now), Ok(Lane::General));
+        s.release(ip(1), Lane::General, false, now);
+        s.release(ip(1), Lane::General, true, now);
+        s.release(ip(1), Lane::General, true, now);
         assert_eq!(s.occupancy(), (0, 0, 0));
     }
 
@@ -272,7 +314,7 @@ mod tests {
         assert!(s.take_open_request(ip(1), later).is_err());
         // A source that left with an empty bucket is remembered, so reconnecting does not
         // refill it.
-        s.release(ip(1), Lane::General, later);
+        s.release(ip(1), Lane::General, true, later);
         s.admit(ip(1), later).unwrap();
         assert!(s.take_open_request(ip(1), later).is_err());
     }
@@ -284,7 +326,7 @@ mod tests {
         for last in 1..=4 {
             s.admit(ip(last), now).unwrap();
             s.take_open_request(ip(last), now).unwrap();
-            s.release(ip(last), Lane::General, now);
+            s.release(ip(last), Lane::General, true, now);
         }
         assert_eq!(s.occupancy().2, 4);
         assert_eq!(s.admit(ip(5), now), Ok(Lane::General));
