@@ -1486,7 +1486,8 @@ async fn answers_validate_against_the_document() {
             &operator,
             "POST",
             "/v1/partners",
-            Body::Conforming(json!({"id": 8, "name": "n", "cert_sha256": [random_hex32()], "architecture": "proxy", "reason": " "})),
+            // Blank: the document's `pattern` refuses it too.
+            Body::Nonconforming(json!({"id": 8, "name": "n", "cert_sha256": [random_hex32()], "architecture": "proxy", "reason": " "})),
             ErrorCode::GroundRequired,
         )
         .await;
@@ -1538,7 +1539,7 @@ async fn answers_validate_against_the_document() {
             &operator,
             "POST",
             "/v1/partners/7/status",
-            Body::Conforming(json!({"status": "suspended", "reason": "abuse"})),
+            Body::Nonconforming(json!({"status": "suspended", "reason": "abuse"})),
             ErrorCode::GroundRequired,
         )
         .await;
@@ -2010,7 +2011,7 @@ async fn answers_validate_against_the_document() {
             &gatekeeper,
             "POST",
             "/v1/discovery/bulk",
-            Body::Conforming(json!({"requester": bob_hex, "identifier_hashes": too_many})),
+            Body::Nonconforming(json!({"requester": bob_hex, "identifier_hashes": too_many})),
             ErrorCode::DiscoveryBatchTooLarge,
         )
         .await;
@@ -2453,4 +2454,95 @@ async fn oversized_bodies_are_refused_as_documented() {
             ErrorCode::CertificateRequired,
         )
         .await;
+}
+
+/// What schemathesis found (issue 11): a `limit` past every integer type and integers
+/// written as floats. The document bounds every integer parameter, a number past the bound
+/// is `REQUEST_MALFORMED`, and `65596.0` in a body is the integer 65596 (JSON Schema says
+/// so, and so the document).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_integers_are_read_as_the_document_says() {
+    let doc = doc();
+    for (template, name) in [("/v1/requests", "limit"), ("/v1/events", "limit")] {
+        let op = operation(&doc, "GET", template);
+        let parameter = op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| match p["$ref"].as_str() {
+                Some(reference) => {
+                    &doc["components"]["parameters"][reference.rsplit('/').next().unwrap()]
+                }
+                None => p,
+            })
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("GET {template}: no {name}"));
+        assert_eq!(
+            parameter["schema"]["maximum"],
+            json!(u64::MAX),
+            "GET {template}: {name}'s maximum"
+        );
+    }
+    let relay = ControlRelay::start("openapi-integers");
+    let api = relay.api(Who::Gatekeeper);
+    let answer = api
+        .get("/v1/requests?limit=18446744073709551615")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let answer = api
+        .get("/v1/requests?limit=45672664837548220416")
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code()),
+        (400, Some(600)),
+        "{answer:?}"
+    );
+    let answer = api
+        .get("/v1/events?limit=45672664837548220416")
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code()),
+        (400, Some(600)),
+        "{answer:?}"
+    );
+    // So in a path: the partner 2 is `2.0` and `2e0` too.
+    let operator = relay.api(Who::Operator);
+    for path in ["/v1/partners/2.0", "/v1/partners/2e0"] {
+        let answer = operator.get(path).await.unwrap();
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+    }
+    let answer = operator.get("/v1/partners/2.5").await.unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code()),
+        (400, Some(600)),
+        "{answer:?}"
+    );
+    // A device list with integers written as floats reaches the control plane (this user is
+    // not enlisted: NOT_FOUND, not REQUEST_MALFORMED).
+    let path = format!("{}/devices", user_path(&user(GATEKEEPER, 0x7007)));
+    let answer = api
+        .call_raw(
+            "PUT",
+            &path,
+            Bytes::from_static(br#"{"devices": [65596.0, 2]}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code()),
+        (404, Some(603)),
+        "{answer:?}"
+    );
+    let answer = api
+        .call_raw("PUT", &path, Bytes::from_static(br#"{"devices": [1.5]}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code()),
+        (400, Some(600)),
+        "{answer:?}"
+    );
 }

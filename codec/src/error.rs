@@ -209,6 +209,13 @@ error_codes! {
     RequestDecided = 612, "REQUEST_DECIDED", retryable: false;
     /// The request body is larger than the API accepts.
     BodyTooLarge = 613, "BODY_TOO_LARGE", retryable: false;
+    /// One source (an IPv4 address, an IPv6 /64) asked routes that need no certificate
+    /// (`GET /v1/openapi.json`) more often than `http.open_requests_per_source_per_min`; retry
+    /// after `Retry-After`.
+    SourceRateLimited = 614, "SOURCE_RATE_LIMITED", retryable: true;
+    /// The HTTP port is at `http.connections_max`: the connection was served on the lane kept
+    /// for `/healthz` and `/metrics`, which answers nothing else; retry after `Retry-After`.
+    HttpBusy = 615, "HTTP_BUSY", retryable: true;
 }
 
 impl ErrorCode {

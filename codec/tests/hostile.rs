@@ -564,6 +564,8 @@ fn error_codes_are_stable_and_unique() {
         ("KEYS_INVALID", 611),
         ("REQUEST_DECIDED", 612),
         ("BODY_TOO_LARGE", 613),
+        ("SOURCE_RATE_LIMITED", 614),
+        ("HTTP_BUSY", 615),
     ];
     let actual: Vec<(&str, u16)> = ErrorCode::ALL
         .iter()
@@ -573,7 +575,9 @@ fn error_codes_are_stable_and_unique() {
     for &(name, number) in expected {
         let code = ErrorCode::from_u16(number).unwrap();
         assert_eq!(code.name(), name);
-        assert_eq!(code.is_retryable(), (400..600).contains(&number), "{name}");
+        // The HTTP port's answers to a flood are the control API's (6xx) and retryable.
+        let retryable = (400..600).contains(&number) || matches!(number, 614 | 615);
+        assert_eq!(code.is_retryable(), retryable, "{name}");
     }
     assert_eq!(ErrorCode::from_u16(999), None);
 }

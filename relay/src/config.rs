@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::control::InteropSettings;
 use crate::core::log::Durability;
+use crate::http::limits::HttpLimits;
 use crate::limits::RelayLimits;
 use crate::pki::DevPki;
 use crate::tables::auth::NetworkEntry;
@@ -29,6 +30,9 @@ struct ConfigFile {
     networks: Vec<NetworkFile>,
     #[serde(default)]
     interop: InteropSettings,
+    /// The HTTP port's bounds.
+    #[serde(default)]
+    http: HttpLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +89,8 @@ pub struct Config {
     pub networks: Option<Vec<NetworkEntry>>,
     /// The control plane and the interop rules.
     pub interop: InteropSettings,
+    /// The HTTP port's bounds.
+    pub http: HttpLimits,
 }
 
 /// The most cores (and shards) one relay runs.
@@ -104,6 +110,7 @@ impl Config {
             limits: RelayLimits::default(),
             networks: Vec::new(),
             interop: InteropSettings::default(),
+            http: HttpLimits::default(),
         })
         .unwrap_or_else(|e| unreachable!("the embedded defaults are valid: {e}"))
     }
@@ -122,6 +129,7 @@ impl Config {
     fn from_file(file: ConfigFile) -> Result<Config, String> {
         file.limits.validate()?;
         file.interop.validate()?;
+        file.http.validate()?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let available = u16::try_from(cpus).unwrap_or(CORES_MAX).min(CORES_MAX);
         let cores = match file.cores {
@@ -170,6 +178,7 @@ impl Config {
             tls,
             networks,
             interop: file.interop,
+            http: file.http,
         })
     }
 
@@ -309,6 +318,10 @@ mod tests {
                 "limits.log_segment_bytes_max",
             ),
             ("this is not toml", "expected"),
+            (
+                "[http]\nconnections_reserved = 0",
+                "http.connections_reserved",
+            ),
         ] {
             let error = Config::parse(text).unwrap_err();
             assert!(

@@ -78,6 +78,7 @@ impl Server {
             render,
             control: Some(control.clone()),
             tls: Some(relay.shared.tls.clone()),
+            limits: config.http,
         };
         let http = match HttpServer::start(config.http_listen, context) {
             Ok(http) => http,

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod control;
+pub mod http;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

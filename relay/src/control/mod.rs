@@ -79,12 +79,14 @@ impl ApiError {
                 409
             }
             ErrorCode::BodyTooLarge => 413,
-            ErrorCode::RateLimited | ErrorCode::RateTableFull | ErrorCode::DeviceSetRateLimited => {
-                429
-            }
+            ErrorCode::RateLimited
+            | ErrorCode::RateTableFull
+            | ErrorCode::DeviceSetRateLimited
+            | ErrorCode::SourceRateLimited => 429,
             ErrorCode::StorageUnavailable
             | ErrorCode::DataPlaneUnavailable
-            | ErrorCode::ShardUserLimit => 503,
+            | ErrorCode::ShardUserLimit
+            | ErrorCode::HttpBusy => 503,
             _ => 500,
         };
         ApiError {

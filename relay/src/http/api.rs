@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -20,13 +20,15 @@ use codec::{ErrorCode, NetworkId, UserAddress, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::context::{HttpContext, Peer};
+use super::body::{Devices, Hashes, Lookup};
+use super::context::{Guard, HttpContext, Origin, Peer};
+use super::sources;
 use crate::control::discovery::{DiscoveryRequest, Match};
 use crate::control::keys::{Claim, KeyUpload};
 use crate::control::partners::{NewPartner, NewStatus, TrafficLimits};
 use crate::control::requests::RequestState;
 use crate::control::users::{Attestation, Enlistment, IdentifierChange};
-use crate::control::{ApiError, ApiResult, Caller, ControlPlane, String32, parse_user_id};
+use crate::control::{ApiError, ApiResult, Caller, ControlPlane, parse_user_id};
 
 /// The OpenAPI document of this API, as committed in the repository.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -59,7 +61,7 @@ pub fn router(context: HttpContext) -> Router {
         .map_or(1 << 20, |c| c.settings.api_body_bytes_max as usize);
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/partners", get(partners_list).post(partner_add))
         .route("/v1/partners/{id}", get(partner_show))
@@ -106,6 +108,71 @@ pub fn router(context: HttpContext) -> Router {
         .with_state(context)
 }
 
+/// The reserved lane's routes (see `mod.rs`): `/healthz` and `/metrics`, and `HTTP_BUSY` for
+/// anything else.
+pub fn reserved_router(context: HttpContext) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(busy)
+        .with_state(context)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn busy(request: axum::extract::Request) -> ApiError {
+    if let Some(guard) = request.extensions().get::<Arc<Guard>>() {
+        guard.metrics.busy();
+    }
+    let mut error = ApiError::new(
+        ErrorCode::HttpBusy,
+        "the HTTP port is at its connection limit; only /healthz and /metrics are answered now",
+    );
+    error.retry_after_s = Some(1);
+    error
+}
+
+/// A request to a route that needs no certificate, within its source's budget
+/// (`http.open_requests_per_source_per_min`); else `SOURCE_RATE_LIMITED`, and the connection
+/// is closed after it: a client that pipelines thousands of requests would otherwise have
+/// the relay write thousands of refusals.
+struct OpenBudget;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for OpenBudget {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<OpenBudget, Response> {
+        let (Some(Origin(source)), Some(guard)) = (
+            parts.extensions.get::<Origin>().copied(),
+            parts.extensions.get::<Arc<Guard>>(),
+        ) else {
+            return Ok(OpenBudget);
+        };
+        let taken = sources::lock(&guard.sources).take_open_request(source, Instant::now());
+        match taken {
+            Ok(()) => Ok(OpenBudget),
+            Err(wait) => {
+                guard.metrics.rate_limited();
+                let seconds = u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+                let mut error = ApiError::new(
+                    ErrorCode::SourceRateLimited,
+                    format!(
+                        "this address asked for documents that need no certificate too often; retry in {seconds} s"
+                    ),
+                );
+                error.retry_after_s = Some(seconds);
+                let mut response = error.into_response();
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Err(response)
+            }
+        }
+    }
+}
+
 /// Stores the data plane's contact events and re-applies the location rule, forever.
 pub async fn run_background(control: Arc<ControlPlane>) {
     let sweep_every = Duration::from_secs(u64::from(control.settings.location_sweep_s));
@@ -143,7 +210,7 @@ async fn metrics(State(context): State<HttpContext>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
+async fn openapi(_: OpenBudget) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
@@ -213,9 +280,9 @@ impl axum::extract::FromRequestParts<HttpContext> for Authed {
 /// How long a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Parses a JSON body, naming what is wrong.
+/// Parses a JSON body, naming what is wrong (see `body.rs`).
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::malformed(format!("body: {e}")))
+    super::body::parse(bytes)
 }
 
 /// A body read up to the size limit.
@@ -281,20 +348,24 @@ fn parse_user(network: &str, user: &str) -> ApiResult<UserAddress> {
     })
 }
 
-/// `text` if it is all ASCII digits, else a string no number parser accepts (`u32::from_str`
-/// takes a leading `+`, which an API id must not have).
-fn digits_only(text: &str) -> &str {
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        text
-    } else {
-        "-"
-    }
+/// The decimal digits of the integer `text` spells (`42`, `42.0`, `4.2e1`: see
+/// `body::integer_digits`), else a string no number parser accepts (`u32::from_str` takes a
+/// leading `+`, which an API id must not have).
+fn digits_only(text: &str) -> std::borrow::Cow<'_, str> {
+    super::body::integer_digits(text).unwrap_or(std::borrow::Cow::Borrowed("-"))
 }
 
 fn parse_number<T: std::str::FromStr>(field: &str, text: &str) -> ApiResult<T> {
     digits_only(text)
         .parse()
         .map_err(|_| ApiError::malformed(format!("{field}: {text:?} is not a number in range")))
+}
+
+/// A page's `limit`: any integer the document allows (0 to 2^64 - 1), clamped by the
+/// operation.
+fn page_limit(text: &str) -> ApiResult<usize> {
+    let limit: u64 = parse_number("limit", text)?;
+    Ok(usize::try_from(limit).unwrap_or(usize::MAX))
 }
 
 async fn partners_list(Authed(control, caller): Authed) -> ApiResult<Response> {
@@ -389,12 +460,6 @@ async fn user_identifier_change(
     Ok(Json(record).into_response())
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Hashes {
-    hashes: Vec<String>,
-}
-
 async fn user_contact_book(
     Authed(control, caller): Authed,
     ApiPath((network, user)): ApiPath<(String, String)>,
@@ -404,12 +469,6 @@ async fn user_contact_book(
     let Hashes { hashes } = body(&bytes)?;
     let count = blocking(move || control.set_contact_book(caller, user, hashes)).await?;
     Ok(Json(json!({"contacts": count})).into_response())
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Devices {
-    devices: Vec<u32>,
 }
 
 async fn user_devices(
@@ -455,8 +514,8 @@ async fn requests_list(
         Some(text) => parse_number("after", text)?,
         None => 0,
     };
-    let limit: usize = match query.get("limit") {
-        Some(text) => parse_number("limit", text)?,
+    let limit = match query.get("limit") {
+        Some(text) => page_limit(text)?,
         None => crate::control::requests::REQUESTS_PAGE_MAX,
     };
     let list = blocking(move || control.requests(caller, state, after, limit)).await?;
@@ -487,13 +546,6 @@ async fn request_refuse(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     decide(control, caller, id, false).await
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Lookup {
-    requester: String32,
-    identifier_hash: String,
 }
 
 async fn discovery_lookup(
@@ -567,8 +619,8 @@ async fn events_list(
         Some(text) => parse_number("after", text)?,
         None => 0,
     };
-    let limit: usize = match query.get("limit") {
-        Some(text) => parse_number("limit", text)?,
+    let limit = match query.get("limit") {
+        Some(text) => page_limit(text)?,
         None => crate::control::events::EVENTS_PAGE_MAX,
     };
     let events = blocking(move || control.events(caller, after, limit)).await?;

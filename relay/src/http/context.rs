@@ -1,10 +1,14 @@
-//! What the HTTP port serves with ([`HttpContext`]) and how a client reached it ([`Peer`]):
-//! shared by the listener (`mod.rs`) and the API routes (`api.rs`).
+//! What the HTTP port serves with ([`HttpContext`]), how a client reached it ([`Peer`],
+//! [`Origin`]) and what the port's connections share ([`Guard`]): shared by the listener
+//! (`mod.rs`) and the API routes (`api.rs`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::ServerConfig;
 
+use super::limits::HttpLimits;
+use super::metrics::HttpMetrics;
+use super::sources::{Source, Sources};
 use crate::control::ControlPlane;
 
 /// Renders `/metrics`.
@@ -18,6 +22,8 @@ pub struct HttpContext {
     pub control: Option<Arc<ControlPlane>>,
     /// The relay's TLS configuration (client certificates asked, not required).
     pub tls: Option<Arc<ServerConfig>>,
+    /// The port's bounds (`[http]` in the configuration).
+    pub limits: HttpLimits,
 }
 
 impl std::fmt::Debug for HttpContext {
@@ -35,4 +41,26 @@ pub enum Peer {
     Plain,
     /// TLS, with the client certificate (DER) if one was presented.
     Tls(Option<Arc<[u8]>>),
+}
+
+/// The source a request's connection came from (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin(pub Source);
+
+/// What every connection of the port shares: its bounds, who holds it, its counters.
+#[derive(Debug)]
+pub struct Guard {
+    pub limits: HttpLimits,
+    pub sources: Arc<Mutex<Sources>>,
+    pub metrics: HttpMetrics,
+}
+
+impl Guard {
+    pub fn new(limits: HttpLimits) -> Guard {
+        Guard {
+            limits,
+            sources: Arc::new(Mutex::new(Sources::new(limits))),
+            metrics: HttpMetrics::default(),
+        }
+    }
 }
